@@ -1,0 +1,557 @@
+"""
+math_reward.py: R_task, the 0/1 reward for a MATH final answer (DESIGN.md §2, R_task in every equation).
+
+    reward(response, gold) = 1.0 if extract_boxed(response) is the same answer as gold, else 0.0
+
+Four public functions, used by every other file:
+    extract_boxed(text)       the content of the last \\boxed{...} / \\fbox{...} (braces balanced)
+    normalize_answer(answer)  a canonical string form (what two equal strings mean)
+    is_equiv(pred, gold)      the same final answer? (strings, structures, then exact values)
+    reward(response, gold)    1.0 / 0.0
+
+How two answers are compared, in order (each step is a small function below):
+    1. normalise both strings (LaTeX spacing, \\dfrac, units, degrees, \\$, \\%, "x =", thousands, ...)
+       and compare the strings;
+    2. structures: matrices cell by cell, unions piece by piece, tuples and intervals element by element
+       (the bracket types must match), sets and lists of solutions in any order (when the gold is a list);
+    3. a single value: parse both with a small, safe recursive-descent evaluator (numbers, + - * / ^,
+       \\frac, \\sqrt, \\pi, parentheses, implicit multiplication). Rationals are compared exactly with
+       Fraction, so 0.5 == 1/2 but 0.33 != 1/3; irrationals in floats at a relative tolerance of 1e-10;
+       expressions in one to three single-letter variables by their values at five points.
+
+Deviations from the common MATH graders (Hendrycks' `is_equiv`, math-verify), numbered:
+    1. Model text is never given to eval/exec/sympy: the evaluator below only knows arithmetic.
+    2. Every call is bounded: answers over MAX_PARSE_CHARS are compared as strings only, lists over
+       MAX_ITEMS elements likewise, exponents are capped, nesting is capped (no RecursionError).
+    3. `\\sqrt13` is read as sqrt(13) and `x^10` as x^(10) (what writers mean), while `\\frac12` is
+       1/2 as in LaTeX. A run of two or more letters (`xy`, `cm`) is text, not a product.
+
+Run `python math_reward.py` to grade a few examples; `tests/test_math_reward.py` has the case table.
+"""
+import math
+import re
+from fractions import Fraction
+
+REL_TOL = 1e-10          # relative tolerance for irrational values (rationals compare exactly)
+MAX_PARSE_CHARS = 1000   # a longer answer is compared as a string only
+MAX_ITEMS = 50           # a longer list/tuple is compared as a string only
+MAX_DEPTH = 60           # nesting cap for the parser and for structures inside structures
+MAX_POW_BITS = 100_000   # cap on the size of an exact power (9^{9^{9^9}} is refused, not computed)
+POINTS = (0.5, 1.3, -0.7, 2.9, -1.9)  # where expressions with variables are compared
+
+# -----------------------------------------------------------------------------
+# 1. extraction
+
+
+def extract_boxed(text):
+    """Content of the LAST \\boxed{...} or \\fbox{...} in text (nested braces balanced, \\{ and \\}
+    skipped), or of the brace-less `\\boxed 5` form; None when there is none or its braces never close."""
+    if not text:
+        return None
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = start + (6 if text.startswith("\\boxed", start) else 5)
+    j = i
+    while j < len(text) and text[j] in " \t\n":
+        j += 1
+    if j < len(text) and text[j] == "{":
+        depth, k = 0, j
+        while k < len(text):  # a loop, not recursion: 5,000 nested braces are fine
+            c = text[k]
+            if c == "\\":
+                k += 2  # an escaped character (\{, \}, \\) never opens or closes a group
+                continue
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[j + 1:k].strip()
+            k += 1
+        return None  # unbalanced: the response was cut off inside the box
+    if j > i:  # `\boxed 5`: one token, up to whitespace or the closing $
+        m = re.match(r"[^\s$]+", text[j:])
+        return m.group(0) if m else None
+    return None
+
+# -----------------------------------------------------------------------------
+# 2. normalisation (string -> canonical string)
+
+
+def _brace_group(s, i):
+    """Index just past the brace group that opens at s[i] == '{', or -1 if it never closes."""
+    depth = 0
+    for k in range(i, len(s)):
+        c = s[k]
+        if c == "{" and (k == 0 or s[k - 1] != "\\"):
+            depth += 1
+        elif c == "}" and (k == 0 or s[k - 1] != "\\"):
+            depth -= 1
+            if depth == 0:
+                return k + 1
+    return -1
+
+
+_TEXT_CMDS = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|operatorname|boldsymbol)\s*\{")
+_UNIT_WORD = re.compile(r"[A-Za-z]{2,}\.?(\^\{?[23]\}?)?")
+
+
+def _strip_units(s):
+    """`5\\text{ cm}` -> `5`, `42 inches` -> `42`, `5.4 \\text{ cents}` -> `5.4`: words after a number."""
+    # a trailing \text{words} (optionally ^2) after something that holds a digit
+    while True:
+        m = None
+        for m in _TEXT_CMDS.finditer(s):
+            pass  # the last text command
+        if m is None:
+            break
+        end = _brace_group(s, m.end() - 1)
+        if end < 0:
+            break
+        inner = s[m.end():end - 1]
+        tail = s[end:].strip()
+        if (re.fullmatch(r"[A-Za-z .]*", inner) and inner.strip() and re.fullmatch(r"(\^\{?[23]\}?)?\.?", tail)
+                and any(ch.isdigit() for ch in s[:m.start()])):
+            s = s[:m.start()].rstrip()
+        else:
+            break
+    # plain trailing words of two or more letters after a number
+    words = s.rstrip(".").split(" ")
+    k = len(words)
+    while k > 1 and _UNIT_WORD.fullmatch(words[k - 1]):
+        k -= 1
+    if k < len(words) and any(ch.isdigit() for ch in "".join(words[:k])) and not re.search(r"[A-Za-z]", "".join(words[:k])):
+        s = " ".join(words[:k])
+    return s
+
+
+def _unwrap_text(s):
+    """`\\text{Evelyn}` -> `Evelyn` (every text-like wrapper, braces matched, innermost too)."""
+    for _ in range(MAX_DEPTH):
+        m = _TEXT_CMDS.search(s)
+        if m is None:
+            break
+        end = _brace_group(s, m.end() - 1)
+        if end < 0:
+            break
+        s = s[:m.start()] + s[m.end():end - 1] + s[end:]
+    return s
+
+
+def _fix_frac_sqrt(s):
+    """`\\frac12` -> `\\frac{1}{2}` (LaTeX: one character per argument), `\\frac{270}7` -> `\\frac{270}{7}`;
+    `\\sqrt13` -> `\\sqrt{13}` (all the digits: what writers mean), `\\sqrt x` -> `\\sqrt{x}`.
+    Answers longer than MAX_PARSE_CHARS are left alone (they are compared as strings only)."""
+    if len(s) > MAX_PARSE_CHARS:
+        return s
+    s = re.sub(r"\\sqrt(\d+|[A-Za-z](?![A-Za-z]))", r"\\sqrt{\1}", s)
+    s = re.sub(r"\\frac(\d)", r"\\frac{\1}", s)             # first argument, one digit
+    out, i = [], 0
+    while True:                                                # second argument, one character
+        k = s.find("\\frac{", i)
+        if k < 0:
+            return "".join(out) + s[i:]
+        end = _brace_group(s, k + 5)
+        if end < 0 or end >= len(s) or not s[end].isalnum():
+            out.append(s[i:k + 6])
+            i = k + 6
+            continue
+        out.append(s[i:end] + "{" + s[end] + "}")
+        i = end + 1
+
+
+def normalize_answer(answer):
+    """A canonical string form of a final answer. Two answers with equal forms are equal; the converse
+    is what is_equiv's structure and value steps are for. Each rule is one line below, in order."""
+    s = str(answer).replace("\x00", "")
+    s = re.sub(r"[\x01-\x08\x0b-\x1f\x7f]", "", s)
+    s = s.replace("\n", " ").replace("\t", " ").strip()
+    s = re.sub(r"\\(left|right)\s*\.", "", s)                   # \left. \right.
+    s = re.sub(r"\\(left|right|big|Big|bigg|Bigg)(?![A-Za-z])", "", s)  # \left( -> (
+    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)        # \dfrac, \tfrac -> \frac
+    s = re.sub(r"\\displaystyle(?![A-Za-z])", "", s)
+    s = s.replace(",\\!", "").replace("{,}", "")                # 10,\!080 and 10{,}080: thousands marks
+    s = re.sub(r"(?<!\\)\\[!,:; ]|\\q?quad(?![A-Za-z])|~", " ", s)   # spacing commands
+    s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree", "", s)  # degrees
+    s = s.replace("\\%", "").replace("%", "").replace("\\$", "").replace("$", "")
+    s = re.sub(r"\\(cdot|times)(?![A-Za-z])", "*", s)
+    s = re.sub(r"\\div(?![A-Za-z])", "/", s)
+    s = _strip_units(s.strip())                                 # 5\text{ cm}, 42 inches
+    s = _unwrap_text(s).strip()                                 # \text{Evelyn} -> Evelyn
+    s = re.sub(r"^(?:[A-Za-z]|\\[a-z]+)(?:_\{?\w+\}?)?\s*(?:=|\\in(?![A-Za-z]))\s*(?=[^=]*$)", "", s)  # x = 5, x \in [1,2]
+    s = re.sub(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+)(?![\d,])", lambda m: m.group(1).replace(",", ""), s)  # 2,220
+    s = re.sub(r"\s+", "", s)
+    s = _fix_frac_sqrt(s)
+    s = s.rstrip(".")
+    for _ in range(3):                                          # {5} -> 5 (a few layers; the parser reads more)
+        if len(s) >= 2 and s[0] == "{" and _brace_group(s, 0) == len(s):
+            s = s[1:-1]
+    s = re.sub(r"^\(([A-Z])\)$", r"\1", s)                      # (C) -> C
+    s = re.sub(r"^(-?\d+)\.0*$", r"\1", s)                      # 12.0 -> 12
+    s = re.sub(r"^(-?\d*\.\d*?[1-9])0+$", r"\1", s)             # 0.50 -> 0.5
+    s = re.sub(r"^(-?)\.(\d)", r"\g<1>0.\2", s)                 # .5 -> 0.5
+    return s
+
+# -----------------------------------------------------------------------------
+# 3. a small, safe evaluator: recursive descent over a token list, nothing is ever executed
+
+
+class ParseError(ValueError):
+    pass
+
+
+_TOKEN = re.compile(r"\d+(?:\.\d*)?|\.\d+|\\(?:frac|sqrt|pi|infty)|[A-Za-z]|[-+*/^(){}\[\]]")
+
+
+def _tokenize(s):
+    tokens, i = [], 0
+    while i < len(s):
+        m = _TOKEN.match(s, i)
+        if m is None:
+            raise ParseError(f"unexpected {s[i:i + 10]!r}")
+        tok = m.group(0)
+        if tok.isalpha() and i + 1 < len(s) and s[i + 1].isalpha():
+            raise ParseError("a run of letters is text, not a product")  # cm, xy, Evelyn
+        tokens.append(tok)
+        i = m.end()
+    return tokens
+
+
+class _Parser:
+    """expr := term (('+'|'-') term)*
+       term := unary (('*'|'/'|<implicit>) unary)*
+       unary := ('+'|'-') unary | power
+       power := atom ('^' unary)?
+       atom := number | letter | \\pi | \\infty | (expr) | {expr} | \\frac{expr}{expr} | \\sqrt[expr]{expr}
+    The result is a tree of tuples; _evaluate walks it."""
+
+    def __init__(self, tokens):
+        self.tokens, self.pos, self.depth = tokens, 0, 0
+
+    def peek(self):
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def take(self, expected=None):
+        tok = self.peek()
+        if tok is None or (expected is not None and tok != expected):
+            raise ParseError(f"expected {expected!r}, got {tok!r}")
+        self.pos += 1
+        return tok
+
+    def parse(self):
+        tree = self.expr()
+        if self.peek() is not None:
+            raise ParseError(f"trailing {self.peek()!r}")
+        return tree
+
+    def expr(self):
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise ParseError("nested too deeply")
+        tree = self.term()
+        while self.peek() in ("+", "-"):
+            op = self.take()
+            tree = (op, tree, self.term())
+        self.depth -= 1
+        return tree
+
+    def term(self):
+        tree = self.unary()
+        while True:
+            tok = self.peek()
+            if tok in ("*", "/"):
+                self.take()
+                tree = (tok, tree, self.unary())
+            elif tok is not None and tok not in "+-*/^)}]":  # implicit multiplication: 2x, 3\sqrt{2}, (a)(b)
+                tree = ("*", tree, self.unary())
+            else:
+                return tree
+
+    def unary(self):
+        if self.peek() in ("+", "-"):
+            op = self.take()
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise ParseError("nested too deeply")
+            operand = self.unary()
+            self.depth -= 1
+            return ("neg", operand) if op == "-" else operand
+        base = self.atom()
+        if self.peek() == "^":
+            self.take()
+            return ("^", base, self.unary())
+        return base
+
+    def group(self, open_, close):
+        self.take(open_)
+        tree = self.expr()
+        self.take(close)
+        return tree
+
+    def atom(self):
+        tok = self.peek()
+        if tok is None:
+            raise ParseError("unexpected end")
+        if tok[0].isdigit() or tok[0] == ".":
+            self.take()
+            if len(tok) > 100:
+                raise ParseError("number too long")
+            return ("num", Fraction(tok))
+        if tok.isalpha():
+            self.take()
+            return ("var", tok)
+        if tok == "\\pi":
+            self.take()
+            return ("num", math.pi)
+        if tok == "\\infty":
+            self.take()
+            return ("num", math.inf)
+        if tok == "(":
+            return self.group("(", ")")
+        if tok == "{":
+            return self.group("{", "}")
+        if tok == "\\frac":
+            self.take()
+            return ("/", self.group("{", "}"), self.group("{", "}"))
+        if tok == "\\sqrt":
+            self.take()
+            index = self.group("[", "]") if self.peek() == "[" else ("num", Fraction(2))
+            return ("root", self.group("{", "}"), index)
+        raise ParseError(f"unexpected {tok!r}")
+
+
+def parse_expression(s):
+    """Parse a normalised answer into an expression tree, or raise ParseError."""
+    if not s or len(s) > MAX_PARSE_CHARS:
+        raise ParseError("empty or too long")
+    return _Parser(_tokenize(s)).parse()
+
+
+def _variables(tree, out=None):
+    out = set() if out is None else out
+    if tree[0] == "var":
+        out.add(tree[1])
+    elif tree[0] != "num":
+        for child in tree[1:]:
+            _variables(child, out)
+    return out
+
+
+def _power(base, exp):
+    if isinstance(base, Fraction) and isinstance(exp, Fraction) and exp.denominator == 1:
+        bits = max(base.numerator.bit_length(), base.denominator.bit_length(), 1)
+        if abs(exp) * bits > MAX_POW_BITS:
+            raise ParseError("power too large")  # 9^{9^{9^9}}: refused, never computed
+        return base ** int(exp)
+    base, exp = float(base), float(exp)
+    if base < 0 and exp != int(exp):
+        raise ParseError("complex power")
+    return math.pow(base, exp)
+
+
+def _root(x, n):
+    if isinstance(x, Fraction) and n == 2 and x >= 0:
+        p, q = math.isqrt(x.numerator), math.isqrt(x.denominator)
+        if p * p == x.numerator and q * q == x.denominator:
+            return Fraction(p, q)  # exact when it is a perfect square: \sqrt{4/9} = 2/3
+    x, n = float(x), float(n)
+    if x < 0 or n == 0:
+        raise ParseError("root of a negative number")
+    return x ** (1.0 / n)
+
+
+def _evaluate(tree, env):
+    """Value of the tree: a Fraction while everything is rational, else a float."""
+    kind = tree[0]
+    if kind == "num":
+        return tree[1]
+    if kind == "var":
+        return env[tree[1]]
+    if kind == "neg":
+        return -_evaluate(tree[1], env)
+    a, b = _evaluate(tree[1], env), _evaluate(tree[2], env)
+    if kind == "+":
+        return a + b
+    if kind == "-":
+        return a - b
+    if kind == "*":
+        return a * b
+    if kind == "/":
+        if b == 0:
+            raise ParseError("division by zero")
+        return a / b
+    if kind == "^":
+        return _power(a, b)
+    return _root(a, b)  # "root"
+
+
+def _close(a, b):
+    if isinstance(a, Fraction) and isinstance(b, Fraction):
+        return a == b  # exact: 0.5 == 1/2, 0.33 != 1/3
+    a, b = float(a), float(b)
+    if math.isinf(a) or math.isinf(b) or math.isnan(a) or math.isnan(b):
+        return a == b
+    return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=1e-12)
+
+
+def _values_equal(a, b):
+    """Same value: exactly for constants, at POINTS for expressions in the same 1-3 variables."""
+    try:
+        ta, tb = parse_expression(a), parse_expression(b)
+        va, vb = _variables(ta), _variables(tb)
+        if va != vb or len(va) > 3:
+            return False
+        if not va:
+            return _close(_evaluate(ta, {}), _evaluate(tb, {}))
+        agree = 0
+        for k, x in enumerate(POINTS):
+            env = {v: Fraction(x) + j for j, v in enumerate(sorted(va))}  # distinct values per variable
+            try:
+                ya = _evaluate(ta, env)
+            except (ParseError, ArithmeticError, ValueError):
+                ya = None
+            try:
+                yb = _evaluate(tb, env)
+            except (ParseError, ArithmeticError, ValueError):
+                yb = None
+            if (ya is None) != (yb is None):
+                return False  # defined on one side only
+            if ya is not None:
+                if not _close(ya, yb):
+                    return False
+                agree += 1
+        return agree >= 3
+    except (ParseError, ArithmeticError, ValueError, RecursionError):
+        return False
+
+# -----------------------------------------------------------------------------
+# 4. structures and the public comparison
+
+
+def _split_top(s, sep=","):
+    """Split at sep where no bracket is open; (1,2] counts as balanced (intervals mix brackets)."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\" and s.startswith(("\\{", "\\}"), i):
+            depth += 1 if s[i + 1] == "{" else -1
+            i += 2
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif depth == 0 and s.startswith(sep, i):
+            parts.append(s[start:i])
+            start = i + len(sep)
+            i = start
+            continue
+        i += 1
+    parts.append(s[start:])
+    return parts
+
+
+def _enclosed(s):
+    """(open, inner, close) if the whole string is one bracketed group like (1,2] or \\{1,2\\}, else None."""
+    if s.startswith("\\{") and s.endswith("\\}") and len(s) >= 4:
+        return "{", s[2:-2], "}"
+    if len(s) < 2 or s[0] not in "([" or s[-1] not in ")]":
+        return None
+    depth = 0
+    for i, c in enumerate(s):
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if depth == 0 and i < len(s) - 1:
+            return None  # (1)(2): two groups, not one
+    return s[0], s[1:-1], s[-1]
+
+
+_MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix)\}(.*)\\end\{\1\}")
+
+
+def _matrix(s):
+    m = _MATRIX.fullmatch(s)
+    if m is None:
+        return None
+    rows = [r for r in m.group(2).split("\\\\") if r != ""]
+    return [r.split("&") for r in rows]
+
+
+def _items(s):
+    """Elements of a list, with a ± expanded: `1\\pm\\sqrt{5}` -> `1+\\sqrt{5}`, `1-\\sqrt{5}`."""
+    out = []
+    for part in _split_top(s):
+        if part.count("\\pm") == 1:
+            out += [part.replace("\\pm", "+"), part.replace("\\pm", "-")]
+        else:
+            out.append(part)
+    return out
+
+
+def _unordered_equal(xs, ys, depth):
+    if len(xs) != len(ys):
+        return False
+    unused = list(ys)
+    for x in xs:
+        hit = next((k for k, y in enumerate(unused) if _equiv(x, y, depth + 1)), None)
+        if hit is None:
+            return False
+        unused.pop(hit)
+    return True
+
+
+def _equiv(a, b, depth=0):
+    """a, b normalised. Strings, then structures, then values."""
+    if a == b:
+        return True
+    if not a or not b or depth > MAX_DEPTH:
+        return False
+    if len(a) > MAX_PARSE_CHARS * 10 or len(b) > MAX_PARSE_CHARS * 10:
+        return False  # a long answer is compared as a string only
+    ma, mb = _matrix(a), _matrix(b)
+    if ma is not None or mb is not None:
+        return (ma is not None and mb is not None and len(ma) == len(mb)
+                and all(len(ra) == len(rb) and all(_equiv(x, y, depth + 1) for x, y in zip(ra, rb))
+                        for ra, rb in zip(ma, mb)))
+    if "\\cup" in a or "\\cup" in b:  # unions of intervals, piece by piece in order
+        pa, pb = _split_top(a, "\\cup"), _split_top(b, "\\cup")
+        return len(pa) == len(pb) and len(pa) > 1 and all(_equiv(x, y, depth + 1) for x, y in zip(pa, pb))
+    ea, eb = _enclosed(a), _enclosed(b)
+    if ea and eb and ea[0] == eb[0] == "{":  # sets: any order
+        xs, ys = _items(ea[1]), _items(eb[1])
+        return len(ys) <= MAX_ITEMS and _unordered_equal(xs, ys, depth)
+    if ea and eb and (len(_split_top(ea[1])) > 1 or len(_split_top(eb[1])) > 1):  # tuples, intervals
+        if (ea[0], ea[2]) != (eb[0], eb[2]):
+            return False  # (1,2] != (1,2)
+        xs, ys = _split_top(ea[1]), _split_top(eb[1])
+        return len(xs) == len(ys) <= MAX_ITEMS and all(_equiv(x, y, depth + 1) for x, y in zip(xs, ys))
+    gold_items = _items(eb[1] if eb and eb[0] == "{" else b)
+    if len(gold_items) > 1:  # the gold is a list of solutions: any order
+        pred_items = _items(ea[1] if ea and ea[0] == "{" else a)
+        return len(gold_items) <= MAX_ITEMS and _unordered_equal(pred_items, gold_items, depth)
+    if len(_items(a)) > 1:
+        return False  # a list where one value is wanted
+    if re.fullmatch(r"[A-Za-z]{2,}", a) and re.fullmatch(r"[A-Za-z]{2,}", b):
+        return a.lower() == b.lower()  # words: Evelyn == evelyn (single letters stay case-sensitive)
+    return _values_equal(a, b)
+
+
+def is_equiv(pred, gold):
+    """Whether two final answers (strings, e.g. boxed contents) are the same answer."""
+    if pred is None or gold is None:
+        return False
+    return _equiv(normalize_answer(pred), normalize_answer(gold))
+
+
+def reward(response, gold):
+    """R_task(x, y): 1.0 when the last boxed answer of the response equals gold, else 0.0."""
+    pred = extract_boxed(response)
+    return 1.0 if pred is not None and is_equiv(pred, gold) else 0.0
+
+
+if __name__ == "__main__":
+    for response, gold in [("so $x = \\boxed{\\dfrac{1}{2}}$.", "0.5"), ("\\boxed{0.33}", "\\frac13"),
+                           ("\\boxed{3\\sqrt{13}}", "\\sqrt{117}"), ("\\boxed{(1,2]}", "(1,2)"),
+                           ("\\boxed{-2, 1}", "1,-2"), ("\\boxed{2(x+1)}", "2x+2"), ("no box", "5")]:
+        print(f"{reward(response, gold):.0f}  {response!r:40} gold {gold!r}")
