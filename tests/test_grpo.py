@@ -1,0 +1,272 @@
+"""Tests for grpo.py: the sampler against references, log-probs, the mask, advantages, the loss, the run."""
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import grpo
+from conftest import make_tiny_model, needs_smollm2
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+PROBLEMS = ["What is 2 + 3?", "A rectangle has perimeter 24 inches. What is its largest possible area?",
+            "Compute $\\dfrac{7}{8} - \\dfrac{1}{4}$ and simplify the result to lowest terms, please."]
+
+
+def prompts(tokenizer, problems=PROBLEMS):
+    return [grpo.encode(tokenizer, grpo.format_prompt(tokenizer, p)) for p in problems]
+
+
+def naive_greedy(model, prompt, max_new_tokens, eos_ids):
+    """The slow reference: no cache, no batch, the whole sequence through the model at every step."""
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            tok = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            out.append(tok)
+            seq.append(tok)
+            if tok in eos_ids:
+                break
+    return out
+
+
+def hf_greedy(model, prompt_ids, max_new_tokens, eos_ids, pad_id):
+    """model.generate on the same left-padded batch; rows are cut after their first EOS."""
+    ids, mask, _ = grpo._left_pad(prompt_ids, pad_id, "cpu")
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                         eos_token_id=eos_ids, pad_token_id=pad_id)[:, ids.shape[1]:].tolist()
+    cut = []
+    for row in out:
+        end = next((k + 1 for k, t in enumerate(row) if t in eos_ids), len(row))
+        cut.append(row[:end])
+    return cut
+
+
+# -----------------------------------------------------------------------------
+# the sampler
+
+
+def test_greedy_equals_model_generate(tiny_model, tokenizer):
+    p = prompts(tokenizer)
+    assert len({len(x) for x in p}) == 3  # different lengths: left padding is exercised
+    eos = grpo.eos_token_ids(tiny_model, tokenizer)
+    ours, _ = grpo.generate(tiny_model, p, 24, temperature=0, eos_token_ids=eos)
+    assert ours == hf_greedy(tiny_model, p, 24, eos, tokenizer.pad_token_id)
+
+
+def test_greedy_equals_naive_decoder_with_rows_finishing_early(tiny_model, tokenizer):
+    p = prompts(tokenizer)
+    free, _ = grpo.generate(tiny_model, p, 20, temperature=0, eos_token_ids=[])
+    assert all(len(t) == 20 for t in free)  # max_new_tokens holds
+    # make a token that row 0 emits at step 4 the EOS: row 0 ends early and leaves the batch and the cache,
+    # the other rows go on; every row must still equal its own slow, unbatched decoding
+    stop = free[0][4]
+    ours, _ = grpo.generate(tiny_model, p, 20, temperature=0, eos_token_ids=[stop])
+    assert len(ours[0]) <= 5 and ours[0][-1] == stop
+    assert any(len(t) > len(ours[0]) for t in ours[1:])
+    for row, prompt in zip(ours, p):
+        assert row == naive_greedy(tiny_model, prompt, 20, [stop])
+
+
+def test_eos_inside_prompt_does_not_end_the_row(tiny_model, tokenizer):
+    eos = tokenizer.eos_token_id
+    p = prompts(tokenizer)[0]
+    free, _ = grpo.generate(tiny_model, [p], 12, temperature=0, eos_token_ids=[])
+    if eos in free[0]:
+        pytest.skip("the tiny model emits the EOS itself")
+    assert eos in p  # the chat template closes the system and user turns with <|im_end|>
+    ours, _ = grpo.generate(tiny_model, [p], 12, temperature=0, eos_token_ids=[eos])
+    assert ours == free and len(ours[0]) == 12
+
+
+def test_shared_prefill_equals_separate_rows(tiny_model, tokenizer):
+    # G identical prompts share one prefill; greedy rows must equal one row decoded alone
+    p = prompts(tokenizer)
+    ours, _ = grpo.generate(tiny_model, [p[0]] * 4 + [p[1]] * 4, 16, temperature=0, eos_token_ids=[])
+    alone, _ = grpo.generate(tiny_model, [p[1]], 16, temperature=0, eos_token_ids=[])
+    assert all(r == ours[0] for r in ours[:4]) and all(r == alone[0] for r in ours[4:])
+
+
+def test_seed_reproduces(tiny_model, tokenizer):
+    p = prompts(tokenizer)[:2] * 3
+    a, la = grpo.generate(tiny_model, p, 16, temperature=1.0, seed=7)
+    b, lb = grpo.generate(tiny_model, p, 16, temperature=1.0, seed=7)
+    c, _ = grpo.generate(tiny_model, p, 16, temperature=1.0, seed=8)
+    assert a == b and la == lb and a != c
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.9), (0, 1.0)])
+def test_sampler_logprobs_equal_sequence_logprobs(tiny_model, tokenizer, temperature, top_p):
+    p = prompts(tokenizer)
+    rows = [x for x in p for _ in range(3)]
+    tokens, logps = grpo.generate(tiny_model, rows, 16, temperature, top_p, seed=0)
+    with torch.no_grad():
+        recomputed, mask = grpo.sequence_logprobs(tiny_model, rows, tokens, temperature, chunk_tokens=7)
+    sampled, _ = grpo.pad_completions(logps, value=0.0)
+    assert (recomputed - sampled).abs().mul(mask).max().item() < 1e-4
+
+
+def test_sequence_logprobs_equal_plain_forward(tiny_model, tokenizer):
+    # one row at a time, no padding, full logits: the textbook computation
+    p = prompts(tokenizer)
+    completions = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    with torch.no_grad():
+        ours, mask = grpo.sequence_logprobs(tiny_model, p, completions, 0.8, chunk_tokens=2)
+        for i, (prompt, comp) in enumerate(zip(p, completions)):
+            logits = tiny_model(torch.tensor([prompt + comp])).logits[0, len(prompt) - 1:-1] / 0.8
+            ref = logits.log_softmax(-1).gather(1, torch.tensor(comp)[:, None]).squeeze(1)
+            assert torch.allclose(ours[i, :len(comp)], ref, atol=1e-5)
+            assert mask[i].sum() == len(comp)
+
+
+def test_sequence_logprobs_gradient_through_chunks(tiny_model, tokenizer):
+    p = prompts(tokenizer)[:2]
+    comps = [[5, 6, 7, 8], [9, 10]]
+    grads = []
+    for chunk in (1, 1000):
+        tiny_model.zero_grad()
+        lp, mask = grpo.sequence_logprobs(tiny_model, p, comps, 1.0, chunk_tokens=chunk)
+        (lp * mask).sum().backward()
+        grads.append(tiny_model.model.embed_tokens.weight.grad.clone())
+    scale = grads[1].abs().max()
+    assert (grads[0] - grads[1]).abs().max() < 1e-5 * scale  # float32 summation order only
+
+
+def test_completion_mask_includes_eos_and_nothing_after():
+    eos = 2
+    comps = [[5, 6, eos], [7, eos], [8, 9, 10, 11]]  # two ended by EOS, one cut at the budget
+    ids, mask = grpo.pad_completions(comps)
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert ids[0, 2] == eos and ids[1, 1] == eos  # the stop token is in the loss
+
+
+# -----------------------------------------------------------------------------
+# advantages, KL, loss
+
+
+def test_group_advantages_zero_mean_per_group():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.4, 0.6, 0.8])
+    a = grpo.group_advantages(r, 4)
+    assert torch.allclose(a.view(3, 4).mean(1), torch.zeros(3), atol=1e-7)
+    assert torch.allclose(a[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    assert torch.all(a[4:8] == 0)  # a zero-variance group teaches nothing
+    s = grpo.group_advantages(r, 4, scale_by_std=True)
+    assert torch.allclose(s[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-3)
+
+
+def test_loss_gradient_at_ratio_one_is_reinforce():
+    torch.manual_seed(0)
+    logp = (-torch.rand(3, 5)).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)
+    A = torch.tensor([0.5, -1.0, 2.0])
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), None, A, mask, clip_eps=0.2, beta=0.0, norm="seq")
+    loss.backward()
+    # hand computation: d/d logp_it of -(1/N) sum_i A_i / |y_i| sum_t logp_it
+    expected = -(A[:, None] / mask.sum(1, keepdim=True)) * mask / 3
+    assert torch.allclose(logp.grad, expected)
+    logp.grad = None
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), None, A, mask, 0.2, 0.0, norm="token", max_len=10)
+    loss.backward()
+    assert torch.allclose(logp.grad, -A[:, None] * mask / (3 * 10))  # Dr. GRPO: sum / (rows * budget)
+
+
+def test_clipped_tokens_carry_no_gradient():
+    logp = torch.zeros(1, 2, requires_grad=True)
+    old = torch.tensor([[-0.5, 0.0]])  # ratio e^0.5 = 1.65 > 1.2 on token 0, 1 on token 1
+    loss, stats = grpo.grpo_loss(logp, old, None, torch.tensor([1.0]), torch.ones(1, 2), 0.2, 0.0)
+    loss.backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0
+    assert stats["clip_frac"] == 0.5
+
+
+def test_kl_is_zero_for_equal_policies_and_positive_otherwise():
+    logp = -torch.rand(4, 6)
+    assert torch.all(grpo.k3_kl(logp, logp) == 0)
+    assert torch.all(grpo.k3_kl(logp, logp - 0.3) > 0)
+    mask = torch.ones(4, 6)
+    _, stats = grpo.grpo_loss(logp, logp, logp, torch.zeros(4), mask, 0.2, 0.1)
+    assert stats["kl"] == 0.0
+
+
+def test_policy_update_is_independent_of_micro_batch(tokenizer):
+    p = prompts(tokenizer)[:2]
+    rows = [x for x in p for _ in range(2)]
+    comps = [[5, 6, 7], [8, 9], [10], [11, 12, 13, 14]]
+    adv = torch.tensor([0.5, -0.5, 1.0, -1.0])
+    weights = []
+    for mb in (1, 4):
+        model = make_tiny_model(tokenizer, seed=1)
+        ref = grpo.frozen_copy(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cfg = SimpleNamespace(micro_batch=mb, updates=1, clip_eps=0.2, beta=0.1, loss_norm="seq",
+                              max_new_tokens=8, temperature=1.0, grad_clip=0)
+        grpo.policy_update(model, ref, opt, rows, comps, adv, cfg)
+        weights.append(model.model.embed_tokens.weight.detach().clone())
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# data and prompts
+
+
+def test_load_problems_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": oops}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        grpo.load_problems(str(path))
+    path.write_text('{"problem": "1+1?", "solution": "so $\\\\boxed{2}$"}\n{"question": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: no 'problem'"):
+        grpo.load_problems(str(path))
+    assert grpo.load_problems(str(path), limit=1)[0]["answer"] == "2"  # taken from the solution's box
+
+
+def test_arith_and_batches_are_deterministic():
+    assert grpo.arith_problems(5, seed=3) == grpo.arith_problems(5, seed=3)
+    a = [grpo.batch_indices(10, 4, s, 0) for s in range(5)]
+    assert a == [grpo.batch_indices(10, 4, s, 0) for s in range(5)]
+    assert sorted(a[0] + a[1] + grpo.batch_indices(10, 4, 2, 0)[:2]) == list(range(10))  # an epoch is a permutation
+
+
+def test_format_prompt_places_context_before_problem(tokenizer):
+    text = grpo.format_prompt(tokenizer, "What is 2+2?", ("What is 1+1?", "It is $\\boxed{2}$."))
+    assert text.index("### Example") < text.index("What is 1+1?") < text.index("### Problem") < text.index("2+2")
+    assert "\\boxed{}" in text and text.endswith("assistant\n")
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+
+def run_grpo(args, cwd):
+    cmd = [sys.executable, os.path.join(ROOT, "grpo.py")] + args
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_script_runs_checkpoints_and_resumes_exactly(tiny_model_dir, tmp_path):
+    common = ["--model", tiny_model_dir, "--batch-problems", "2", "--group-size", "2", "--max-new-tokens", "6",
+              "--save-every", "2", "--sample-every", "1", "--device", "cpu", "--lr", "1e-3"]
+    run_grpo(common + ["--steps", "3", "--out", "straight"], tmp_path)
+    run_grpo(common + ["--steps", "2", "--out", "split"], tmp_path)
+    assert os.path.exists(tmp_path / "split" / "ckpt" / "policy" / "config.json")
+    out = run_grpo(["--resume", "split", "--steps", "3"], tmp_path)
+    assert "resumed from" in out
+    straight = [json.loads(l) for l in open(tmp_path / "straight" / "metrics.jsonl")]
+    split = [json.loads(l) for l in open(tmp_path / "split" / "metrics.jsonl")]
+    assert [r["step"] for r in split] == [1, 2, 3]
+    for a, b in zip(straight, split):  # the resumed run continues exactly: same rollouts, same updates
+        for key in ("reward", "len", "kl", "loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+@needs_smollm2
+def test_greedy_equals_model_generate_on_smollm2(smollm2_folder):
+    model, tokenizer = grpo.load_model(smollm2_folder, device="cpu")
+    p = prompts(tokenizer)
+    eos = grpo.eos_token_ids(model, tokenizer)
+    ours, _ = grpo.generate(model, p, 32, temperature=0, eos_token_ids=eos)
+    assert ours == hf_greedy(model, p, 32, eos, tokenizer.pad_token_id)
