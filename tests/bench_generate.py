@@ -1,0 +1,117 @@
+"""
+Benchmark: our sampler (grpo.generate) against transformers' model.generate, same model, same prompts,
+same settings, measured side by side in one run. Prints tokens/s of both and the ratio.
+
+    python tests/bench_generate.py                                   # embedded SmolLM2-135M, CPU
+    python tests/bench_generate.py --config ../shared/models/qwen2.5-0.5b-config.json --rows 64 256  # GPU
+
+Workloads:
+    fixed:  R distinct MATH prompts, exactly N new tokens each (EOS ignored by both: ours gets no EOS id,
+            model.generate gets min_new_tokens = N), sampling at T = 1.
+    grpo:   the GRPO shape: P problems x G = 8 samples, each prompt a MATH problem with K (default 1)
+            random training problems and their solutions as context, T = 1, stopping at EOS. model.generate gets the prompts
+            repeated G times, as GRPO trainers call it; ours prefills each distinct prompt once.
+A random-initialised model (--config) never stops at EOS, so only the fixed workload is meaningful there.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import grpo  # noqa: E402
+
+TRAIN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "math_train.jsonl")
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - start
+
+
+def hf_generate(model, prompt_ids, max_new_tokens, eos, pad_id, fixed):
+    ids, mask, _ = grpo._left_pad(prompt_ids, pad_id, model.device)
+    kw = dict(min_new_tokens=max_new_tokens) if fixed else {}
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                         max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_id, **kw)
+    new = out[:, ids.shape[1]:].tolist()
+    # tokens actually generated: up to and including the first EOS
+    return sum(next((k + 1 for k, t in enumerate(r) if t in eos), len(r)) for r in new)
+
+
+def bench(name, model, prompt_ids, max_new_tokens, eos, pad_id, fixed, device, repeats):
+    rows = []
+    for r in range(repeats):  # alternate the two, so drift in machine speed hits both alike
+        (toks, _), t_ours = timed(lambda: grpo.generate(model, prompt_ids, max_new_tokens, 1.0, 1.0,
+                                                         [] if fixed else eos, seed=r), device)
+        n_ours = sum(len(t) for t in toks)
+        n_hf, t_hf = timed(lambda: hf_generate(model, prompt_ids, max_new_tokens, eos, pad_id, fixed), device)
+        rows.append((n_ours / t_ours, n_hf / t_hf, t_ours, t_hf))
+    ours = sum(r[0] for r in rows) / len(rows)
+    hf = sum(r[1] for r in rows) / len(rows)
+    print(f"{name:34} ours {ours:8.1f} tok/s ({rows[-1][2]:.2f} s)  model.generate {hf:8.1f} tok/s "
+          f"({rows[-1][3]:.2f} s)  ratio {ours / hf:5.2f}x")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2", help="model name or folder (ignored with --config)")
+    ap.add_argument("--config", default="", help="a config.json: random-initialised model (GPU speed figures)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rows", type=int, nargs="+", default=[8], help="rows of the fixed workload")
+    ap.add_argument("--new-tokens", type=int, default=64, help="new tokens per row")
+    ap.add_argument("--problems", type=int, default=2, help="problems in the GRPO workload (x G = 8)")
+    ap.add_argument("--examples", type=int, default=1, help="worked examples in each GRPO prompt's context")
+    ap.add_argument("--repeats", type=int, default=2, help="timed repeats per workload (averaged)")
+    args = ap.parse_args()
+    if args.config:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        cfg = json.load(open(args.config))
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).to(
+            args.device, torch.bfloat16 if args.device.startswith("cuda") else torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(grpo.resolve_model("smollm2"))  # only for prompt text ids
+        vocab = model.config.vocab_size
+        encode = lambda text: [t % vocab for t in grpo.encode(tokenizer, text)]  # noqa: E731
+        eos = [model.config.eos_token_id]
+    else:
+        model, tokenizer = grpo.load_model(args.model, device=args.device)
+        model.eval()
+        encode = lambda text: grpo.encode(tokenizer, text)  # noqa: E731
+        eos = grpo.eos_token_ids(model, tokenizer)
+    problems = grpo.load_problems(TRAIN, limit=400) if os.path.exists(TRAIN) else grpo.arith_problems(400)
+    name = args.config or args.model
+    print(f"model {name} on {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}, "
+          f"{torch.get_num_threads()} threads), {args.new_tokens} new tokens, T = 1")
+    for rows in args.rows:
+        prompts = [encode(grpo.format_prompt(tokenizer, p["problem"])) for p in problems[:rows]]
+        lens = [len(p) for p in prompts]
+        bench(f"fixed: {rows} rows, prompts {min(lens)}-{max(lens)} tok", model, prompts, args.new_tokens, eos,
+              0, True, args.device, args.repeats)
+    if not args.config:
+        K = args.examples
+        drawn = random.Random(0).sample(problems, (1 + K) * args.problems)  # a problem, then its K examples
+        ctx = []
+        for i in range(args.problems):
+            examples = drawn[args.problems + K * i: args.problems + K * (i + 1)]
+            context = "\n\n".join(grpo.format_context((c["problem"], c.get("solution", ""))) for c in examples)
+            ctx.append(encode(grpo.format_prompt(tokenizer, drawn[i]["problem"], context)))
+        lens = [len(p) for p in ctx]
+        rows = [p for p in ctx for _ in range(8)]
+        bench(f"grpo: {args.problems} x 8, {K} ex., prompts {min(lens)}-{max(lens)} tok", model, rows, args.new_tokens,
+              eos, 0, False, args.device, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
