@@ -630,64 +630,105 @@ def zero_variance_fraction(rewards, group_size):
     return (r.max(1).values == r.min(1).values).float().mean().item()
 
 
-def main(cfg):
+def score(texts, golds, format_bonus=0.0):
+    """R_task per rollout, whether it boxed an answer, and the reward used: R_task + format_bonus * boxed."""
+    acc = torch.tensor([task_reward(t, g) for t, g in zip(texts, golds)])
+    boxed = torch.tensor([float(extract_boxed(t) is not None) for t in texts])
+    return acc + format_bonus * boxed, acc, boxed
+
+
+def grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, contexts=None, shaping=None):
+    """One GRPO step on B problems: rollouts, rewards, advantages, update. Returns (record, rollouts).
+    contexts: per problem, G contexts (c_i of DESIGN §3.2; None = no context, plain GRPO). shaping(prompt_ids,
+    completions, sampler_logprobs) -> (extra reward per row, stats) adds a term to the reward (context_grpo's
+    utilisation); without it the reward is R_task (+ the format bonus)."""
+    G = cfg.group_size
+    t0 = time.time()
+    # 1. rollouts: G samples of each of B problems, y_i ~ p_phi(. | x, c_i)
+    contexts = contexts or [[None] * G for _ in batch]
+    prompt_ids = [encode(tokenizer, format_prompt(tokenizer, p["problem"], c))
+                  for p, cs in zip(batch, contexts) for c in cs]              # (B*G) rows, problem-major
+    completions, sampler_logp = generate(model, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, eos,
+                                         seed=cfg.seed * 1_000_003 + step)
+    t_sample = time.time() - t0
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    # 2. rewards: R_task (+ format bonus) (+ shaping)
+    rewards, acc, boxed = score(texts, [p["answer"] for p in batch for _ in range(G)], cfg.format_bonus)
+    extra = {}
+    if shaping is not None:
+        bonus, extra = shaping(prompt_ids, completions, sampler_logp)
+        extra["reward_task"] = rewards.mean().item()
+        rewards = rewards + bonus
+    # 3. advantages
+    adv = group_advantages(rewards, G, cfg.scale_by_std)
+    # 4. policy update: log-probs and KL to p_ref with the same prompts (so WITH the context, §3.2)
+    t1 = time.time()
+    stats = policy_update(model, ref_model, optimizer, prompt_ids, completions, adv, cfg)
+    t_train = time.time() - t1
+    n_tok = sum(len(c) for c in completions)
+    record = {"step": step + 1, "reward": rewards.mean().item(), "acc": acc.mean().item(),
+              "boxed": boxed.mean().item(), **rollout_stats(completions, eos, cfg.max_new_tokens),
+              "zero_var": zero_variance_fraction(rewards, G), **stats, **extra,
+              "sample_tok_s": n_tok / t_sample,
+              "train_tok_s": (n_tok + sum(len(p) for p in prompt_ids)) * (2 if ref_model else 1) / t_train,
+              "peak_mem_gb": peak_memory_gb(), "time": time.time() - t0}
+    return record, {"texts": texts, "rewards": rewards, "prompt_ids": prompt_ids, "completions": completions}
+
+
+def print_record(prefix, r, total):
+    """The one-line step summary."""
+    extra = "".join(f" {k} {r[k]:.3f}" for k in ("util", "util_clip", "acc_ctx", "accepted") if k in r)
+    print(f"{prefix} {r['step']}/{total} | reward {r['reward']:.3f} acc {r['acc']:.3f} boxed {r['boxed']:.2f}{extra} "
+          f"| len {r['len']:.0f} fin {r['finished']:.2f} | zero-var {r['zero_var']:.2f} | kl {r['kl']:.4f} "
+          f"clip {r['clip_frac']:.3f} | loss {r['loss']:+.4f} gnorm {r['grad_norm']:.2f} "
+          f"| {r['sample_tok_s']:.0f} sample tok/s | {r['time']:.1f}s")
+
+
+def log_sample(out, step, problem, text, reward, context=None):
+    """Save one full rollout to samples.jsonl and print it."""
+    log_jsonl(out, "samples.jsonl", {"step": step, "problem": problem["problem"], "answer": problem["answer"],
+                                     "context": format_context(context) if context else None,
+                                     "response": text, "reward": reward})
+    print(f"--- sample (reward {reward:.2f}, gold {problem['answer']}):\n{text}\n---")
+
+
+def train_loop(cfg, out, step, problems, step_fn, models, optimizers, tokenizer, name="step"):
+    """The loop every LL entry script shares: batch, step_fn(batch, step) -> (record, rollouts), log,
+    a sample every cfg.sample_every steps, a checkpoint every cfg.save_every steps and at the end."""
+    while step < cfg.steps:
+        batch = [problems[i] for i in batch_indices(len(problems), cfg.batch_problems, step, cfg.seed)]
+        record, roll = step_fn(batch, step)
+        step += 1
+        log_jsonl(out, "metrics.jsonl", record)
+        print_record(name, record, cfg.steps)
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            log_sample(out, step, batch[0], roll["texts"][0], roll["rewards"][0].item(), roll.get("context"))
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(out, step, models, optimizers, tokenizer)
+    print(f"done: {out}/metrics.jsonl, checkpoint in {out}/ckpt/")
+
+
+def setup(cfg):
+    """Run folder, LL model, p_ref = frozen phi_0 (when beta > 0), optimiser, resume, problems, EOS ids."""
     out = start_run(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(cfg.model, device=device)
     model.eval()
-    ref_model = frozen_copy(model) if cfg.beta > 0 else None  # p_ref = phi_0, frozen
+    ref_model = frozen_copy(model) if cfg.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     step = load_checkpoint(out, {"policy": model}, {"policy": optimizer}) if cfg.resume else 0
     problems = fit_prompts(tokenizer, load_problems(cfg.data, cfg.limit or None, cfg.seed), cfg.max_prompt_tokens)
-    eos = eos_token_ids(model, tokenizer)
-    B, G = cfg.batch_problems, cfg.group_size
-    print(f"GRPO: {len(problems)} problems, {B} x {G} rollouts per step, {cfg.steps} steps, device {device}; "
-          "the printed loss is ~0 by construction on-policy (mean advantage is 0): watch reward and acc")
-    while step < cfg.steps:
-        t0 = time.time()
-        # 1. rollouts: G samples of each of B problems
-        batch = [problems[i] for i in batch_indices(len(problems), B, step, cfg.seed)]
-        prompts = [encode(tokenizer, format_prompt(tokenizer, p["problem"])) for p in batch]
-        prompt_ids = [p for p in prompts for _ in range(G)]                  # (B*G) rows, problem-major
-        completions, _ = generate(model, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, eos,
-                                  seed=cfg.seed * 1_000_003 + step)
-        t_sample = time.time() - t0
-        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        # 2. rewards: R_task, plus the optional format bonus
-        golds = [p["answer"] for p in batch for _ in range(G)]
-        acc = torch.tensor([task_reward(t, g) for t, g in zip(texts, golds)])
-        boxed = torch.tensor([float(extract_boxed(t) is not None) for t in texts])
-        rewards = acc + cfg.format_bonus * boxed
-        # 3. advantages
-        adv = group_advantages(rewards, G, cfg.scale_by_std)
-        # 4. policy update
-        t1 = time.time()
-        stats = policy_update(model, ref_model, optimizer, prompt_ids, completions, adv, cfg)
-        t_train = time.time() - t1
-        step += 1
-        # 5. log
-        n_tok = sum(len(c) for c in completions)
-        record = {"step": step, "reward": rewards.mean().item(), "acc": acc.mean().item(),
-                  "boxed": boxed.mean().item(), **rollout_stats(completions, eos, cfg.max_new_tokens),
-                  "zero_var": zero_variance_fraction(rewards, G), **stats,
-                  "sample_tok_s": n_tok / t_sample,
-                  "train_tok_s": (n_tok + sum(len(p) for p in prompt_ids)) * (2 if ref_model else 1) / t_train,
-                  "peak_mem_gb": peak_memory_gb(), "time": time.time() - t0}
-        log_jsonl(out, "metrics.jsonl", record)
-        print(f"step {step}/{cfg.steps} | reward {record['reward']:.3f} acc {record['acc']:.3f} "
-              f"boxed {record['boxed']:.2f} | len {record['len']:.0f} fin {record['finished']:.2f} "
-              f"| zero-var {record['zero_var']:.2f} | kl {record['kl']:.4f} clip {record['clip_frac']:.3f} "
-              f"| loss {record['loss']:+.4f} gnorm {record['grad_norm']:.2f} "
-              f"| {record['sample_tok_s']:.0f} sample tok/s | {record['time']:.1f}s")
-        if cfg.sample_every and step % cfg.sample_every == 0:
-            sample = {"step": step, "problem": batch[0]["problem"], "answer": batch[0]["answer"],
-                      "response": texts[0], "reward": rewards[0].item()}
-            log_jsonl(out, "samples.jsonl", sample)
-            print(f"--- sample (reward {sample['reward']:.2f}, gold {sample['answer']}):\n{texts[0]}\n---")
-        # 6. checkpoint
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(out, step, {"policy": model}, {"policy": optimizer}, tokenizer)
-    print(f"done: {out}/metrics.jsonl, checkpoint in {out}/ckpt/policy")
+    return out, model, tokenizer, ref_model, optimizer, step, problems, eos_token_ids(model, tokenizer)
+
+
+def main(cfg):
+    out, model, tokenizer, ref_model, optimizer, step, problems, eos = setup(cfg)
+    print(f"GRPO: {len(problems)} problems, {cfg.batch_problems} x {cfg.group_size} rollouts per step, {cfg.steps} "
+          f"steps, device {model.device}; the printed loss is ~0 by construction on-policy (mean advantage is 0): "
+          f"watch reward and acc")
+    train_loop(cfg, out, step, problems,
+               lambda batch, step: grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos),
+               {"policy": model}, {"policy": optimizer}, tokenizer)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,358 @@
+"""
+context_grpo.py: context-conditioned GRPO with the context-utilisation reward (DESIGN.md §3.2, §4, HICRL's
+lower level), and ICPO, in-context steered policy optimisation (§7), as a mode.
+
+    python context_grpo.py --context retrieved --lam 0.1          # LL alone, retrieved worked examples
+    python context_grpo.py --context retrieved --lam 0             # the lambda = 0 ablation (plain GRPO reward)
+    python context_grpo.py --icpo                                  # ICPO on the same data
+    python context_grpo.py --resume runs/context_grpo
+
+HICRL's LL (§3.2, §4): each rollout i of x has its own context c_i and y_i ~ p_phi(. | x, c_i); then
+
+    r_i = R_task(x, y_i) + lambda * clip( log p_phi(y_i | x, c_i) - log q(y_i | x), -tau', tau' )
+
+(utilization_reward: the per-token mean of the log-ratio by default, --util-reduce sum for the sum;
+symmetric clip; no gradient: it is a reward) and standard GRPO on r_i, with the log-probs and the KL
+to p_ref both taken WITH the context (grpo.grpo_step). q is the frozen initial LL (`init`, the very same
+frozen module as p_ref), the pretrained base model (`base`), or the current LL without context (`self`).
+
+ICPO (§7; arXiv 2510.26519): per problem, G on-policy rollouts y ~ p(. | x) and n_off "implicit expert
+forcing" (IEF) rollouts y ~ p(. | [D; x]) with a demonstration D prepended. Then
+    1. expert-region reject sampling (ERRS): an IEF rollout joins the group only if it is correct
+       (R >= delta = 1); it replaces one on-policy rollout (the last ones: they are exchangeable), so the
+       group keeps G rows; a wrong one is dropped; both are counted;
+    2. annealed expert bonus: an accepted IEF rollout's reward is R + beta_E * (1 - t/T);
+    3. advantages (r - mean) / std over the mixed group;
+    4. every log-prob of an IEF rollout (current, old, reference) is taken WITHOUT D, as p(y | x): sample
+       with the demonstration, train the context-free policy;
+    5. loss: the clipped surrogate on on-policy tokens; on IEF tokens the unclipped policy-shaping term
+       -A * f(p), f(p) = p / (p + gamma), p = exp(logp_new), gamma = 0.1; a small KL to p_ref (--beta 0.001
+       in their runs; our default stays grpo's 0.04 unless given).
+Where this differs from the paper and its public code, numbered:
+    1. "Hybrid policy initialisation" (named in the seed's summary) has no separate step in the paper's
+       method or code that we know of; we read it as the mixed group itself (on-policy + IEF rows).
+    2. D is a random training problem with its reference solution (their default), or a retrieved
+       neighbour with --context retrieved; alternate.py can put an HL context in its place.
+    3. Which on-policy rollout an accepted IEF one replaces is not specified; we replace the last ones.
+"""
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import grpo
+from grpo import (arg, encode, format_context, format_prompt, generate, group_advantages, grpo_loss, k3_kl,
+                  masked_mean, pad_completions, parse_config, policy_update, score, sequence_logprobs)
+
+# -----------------------------------------------------------------------------
+# context sources: retrieved neighbours (TF-IDF, numpy only), random examples, none
+
+
+_WORD = re.compile(r"\\[a-z]+|[a-z]+|\d+")
+
+
+def normalize_text(text):
+    """Problem text for identity checks: lower case, single spaces."""
+    return " ".join(text.lower().split())
+
+
+def tfidf_vectors(texts, vocab=None):
+    """L2-normalised TF-IDF rows, (n, V) float32, over words, numbers and LaTeX commands of the texts.
+    tf = raw count, idf = log((1 + n) / (1 + df)) + 1. With vocab (word -> column, idf) given, reuse it."""
+    docs = [_WORD.findall(t.lower()) for t in texts]
+    if vocab is None:
+        df = {}
+        for d in docs:
+            for w in set(d):
+                df[w] = df.get(w, 0) + 1
+        words = sorted(df)
+        idf = np.array([math.log((1 + len(docs)) / (1 + df[w])) + 1 for w in words], dtype=np.float32)
+        vocab = ({w: j for j, w in enumerate(words)}, idf)
+    index, idf = vocab
+    X = np.zeros((len(docs), len(idf)), dtype=np.float32)                    # (n, V)
+    for i, d in enumerate(docs):
+        cols = [index[w] for w in d if w in index]
+        np.add.at(X[i], cols, 1.0)
+    X *= idf
+    X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-8)
+    return X, vocab
+
+
+def nearest_neighbours(queries, pool, k=1, exclude=None):
+    """For each query problem, the indices in pool of its k nearest problems by TF-IDF cosine over the
+    problem text: within the same subject when both have one, never the query itself (same unique_id or
+    same normalised text), never a pool problem for which exclude(problem) is true. -1 where none is left."""
+    out = np.full((len(queries), k), -1, dtype=np.int64)
+    groups = {}
+    for j, p in enumerate(pool):
+        if exclude is None or not exclude(p):
+            groups.setdefault(p.get("subject", ""), []).append(j)
+    by_subject = {}
+    for i, q in enumerate(queries):
+        by_subject.setdefault(q.get("subject", "") if q.get("subject", "") in groups else "", []).append(i)
+    for subject, qi in by_subject.items():
+        pj = groups.get(subject) or [j for js in groups.values() for j in js]
+        if not pj:
+            continue
+        P, vocab = tfidf_vectors([pool[j]["problem"] for j in pj])           # (n_p, V)
+        Q, _ = tfidf_vectors([queries[i]["problem"] for i in qi], vocab)     # (n_q, V)
+        same = {}                                                            # uid or text -> pool columns
+        for c, j in enumerate(pj):
+            for key in (pool[j].get("unique_id"), normalize_text(pool[j]["problem"])):
+                if key is not None:
+                    same.setdefault(key, []).append(c)
+        for s in range(0, len(qi), 1024):                                    # blocks of queries: bounded memory
+            block = qi[s:s + 1024]
+            sims = Q[s:s + 1024] @ P.T                                       # (b, n_p)
+            for r, i in enumerate(block):
+                for key in (queries[i].get("unique_id"), normalize_text(queries[i]["problem"])):
+                    sims[r, same.get(key, [])] = -np.inf                     # never the problem itself
+                top = np.argsort(-sims[r], kind="stable")[:k]
+                for m, c in enumerate(top):
+                    if np.isfinite(sims[r, c]):
+                        out[i, m] = pj[c]
+    return out
+
+
+def as_example(problem):
+    """A training problem as a worked example (x', y'): its reference solution, else its boxed answer."""
+    return problem["problem"], problem.get("solution") or f"The answer is $\\boxed{{{problem['answer']}}}$."
+
+
+def context_source(kind, problems, seed=0):
+    """contexts(batch, G, step) -> per problem, G contexts. `none`: no context; `retrieved`: the nearest
+    training neighbour (TF-IDF, same subject, never itself) for all G rollouts; `random`: a random other
+    training problem per rollout (seeded by the step)."""
+    if kind == "none":
+        return lambda batch, G, step: [[None] * G for _ in batch]
+    if kind == "retrieved":
+        nn = nearest_neighbours(problems, problems, k=1)[:, 0]
+        lookup = {normalize_text(p["problem"]): (as_example(problems[j]) if j >= 0 else None)
+                  for p, j in zip(problems, nn)}
+        return lambda batch, G, step: [[lookup.get(normalize_text(p["problem"]))] * G for p in batch]
+    if kind == "random":
+        def random_contexts(batch, G, step):
+            rng = np.random.default_rng([seed, step, 7])
+            out = []
+            for p in batch:
+                picks = [problems[j] for j in rng.integers(0, len(problems), size=G)]
+                out.append([as_example(q) if q["problem"] != p["problem"] else None for q in picks])
+            return out
+        return random_contexts
+    raise ValueError(f"unknown context source {kind!r} (none, retrieved, random)")
+
+
+def fit_contexts(tokenizer, batch, contexts, max_prompt_tokens):
+    """A context that would make the prompt longer than max_prompt_tokens is dropped (the rollout gets
+    no context) and counted: the documented rule, never a crash, never a silent loss."""
+    dropped, fitted = 0, []
+    for p, cs in zip(batch, contexts):
+        row = []
+        for c in cs:
+            if c is not None and len(encode(tokenizer, format_prompt(tokenizer, p["problem"], c))) > max_prompt_tokens:
+                c, dropped = None, dropped + 1
+            row.append(c)
+        fitted.append(row)
+    return fitted, dropped
+
+# -----------------------------------------------------------------------------
+# §4: the utilisation reward
+
+
+def utilization_reward(logp_ctx, logp_prior, mask, tau, reduce="mean"):
+    """U~_i = clip( reduce_t [ log p_phi(y_t | x, c, y_<t) - log q(y_t | x, y_<t) ], -tau', tau' ), no gradient.
+    reduce = "mean": per-token mean over the completion (a KL rate: long answers do not dominate);
+    "sum": the sequence log-ratio. logp_ctx, logp_prior, mask: (N, T). Returns (N,)."""
+    with torch.no_grad():
+        d = (logp_ctx - logp_prior) * mask                                   # (N, T)
+        u = d.sum(1) if reduce == "sum" else d.sum(1) / mask.sum(1).clamp(min=1)
+        return u.clamp(-tau, tau)
+
+
+def utilization_shaping(prior, tokenizer, batch, cfg):
+    """The shaping hook for grpo.grpo_step: lambda * U~ per rollout, with log p_phi the sampler's own
+    log-prob of y_i under (x, c_i) and log q one forward pass of the prior on (x without c, y_i)."""
+    def shaping(prompt_ids, completions, sampler_logp):
+        plain = [encode(tokenizer, format_prompt(tokenizer, p["problem"])) for p in batch
+                 for _ in range(cfg.group_size)]
+        lp_ctx, mask = pad_completions(sampler_logp, value=0.0)
+        with torch.no_grad():
+            lp_q, _ = sequence_logprobs(prior, plain, completions, cfg.temperature)
+        u = utilization_reward(lp_ctx, lp_q.cpu(), mask, cfg.tau, cfg.util_reduce)
+        stats = {"util": u.mean().item(), "util_std": u.std(unbiased=False).item(),
+                 "util_clip": (u.abs() >= cfg.tau).float().mean().item()}
+        return cfg.lam * u, stats
+    return shaping
+
+
+def ll_step(model, ref_model, prior, optimizer, tokenizer, batch, contexts, cfg, step, eos):
+    """One LL update of HICRL (§3.2 + §4): rollouts with contexts, r = R_task + lambda * U~, GRPO.
+    With lambda = 0 the rewards, advantages and loss are exactly grpo.grpo_step's on the same rollouts."""
+    contexts, dropped = fit_contexts(tokenizer, batch, contexts, cfg.max_prompt_tokens)
+    shaping = utilization_shaping(prior, tokenizer, batch, cfg)
+    record, roll = grpo.grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, contexts, shaping)
+    given = [c for cs in contexts for c in cs if c is not None]
+    record["acc_ctx"] = record["acc"]  # accuracy of rollouts sampled with their context
+    record["ctx_len"] = (sum(len(encode(tokenizer, format_context(c))) for c in given) / len(given)) if given else 0.0
+    record["ctx_frac"] = len(given) / (len(batch) * cfg.group_size)
+    record["ctx_dropped"] = dropped
+    roll["context"] = contexts[0][0]
+    return record, roll
+
+
+def make_prior(kind, model, ref_model, cfg):
+    """q(y | x): `init` = the frozen phi_0, the same module as p_ref (one frozen copy, not two); `base` = the
+    pretrained base model (--base-model); `self` = the current LL itself (no gradient flows: a reward)."""
+    if kind == "init":
+        return ref_model if ref_model is not None else grpo.frozen_copy(model)
+    if kind == "base":
+        base, _ = grpo.load_model(cfg.base_model or cfg.model, device=model.device)
+        return grpo.frozen_copy(base)
+    if kind == "self":
+        return model
+    raise ValueError(f"unknown prior {kind!r} (init, base, self)")
+
+# -----------------------------------------------------------------------------
+# §7: ICPO
+
+
+def expert_bonus(beta, step, total_steps):
+    """Annealed expert bonus beta * (1 - t/T): beta at t = 0, 0 at t = T, linear."""
+    return beta * (1.0 - step / max(total_steps, 1))
+
+
+def errs_merge(on_rows, off_rows, off_correct, group_size, n_off):
+    """Expert-region reject sampling. on_rows: B*G items, off_rows: B*n_off items. A correct IEF rollout
+    replaces the last not-yet-replaced on-policy rollout of its group; a wrong one is dropped.
+    Returns (merged B*G rows, is_off flags, accepted count, rejected count)."""
+    merged, is_off, accepted = list(on_rows), [False] * len(on_rows), 0
+    for b in range(len(on_rows) // group_size):
+        slot = (b + 1) * group_size - 1
+        for j in range(n_off):
+            if off_correct[b * n_off + j]:
+                merged[slot], is_off[slot] = off_rows[b * n_off + j], True
+                slot, accepted = slot - 1, accepted + 1
+    return merged, is_off, accepted, len(off_rows) - accepted
+
+
+def icpo_loss(logp, old_logp, ref_logp, advantages, mask, is_off, clip_eps, beta, gamma, norm="seq", max_len=None):
+    """ICPO's mixed loss, per token: on-policy rows the clipped surrogate (grpo_loss); IEF rows the unclipped
+    shaping term -A * f(p), f(p) = p / (p + gamma), p = exp(logp) (gradient -A * gamma p / (p+gamma)^2 * grad log p);
+    plus beta * k3 KL on every row. is_off: (N,) bool."""
+    A = advantages[:, None]                                                  # (N, 1)
+    ratio = (logp - old_logp).exp()
+    clipped = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
+    p = logp.exp()
+    shaped = -A * p / (p + gamma)
+    per_token = torch.where(is_off[:, None], shaped, clipped)                # (N, T)
+    kl = torch.zeros_like(logp) if ref_logp is None else k3_kl(logp, ref_logp)
+    if beta and ref_logp is not None:
+        per_token = per_token + beta * kl
+    loss = masked_mean(per_token, mask, norm, max_len)
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        on = (~is_off)[:, None] * mask
+        stats = {"kl": ((kl * mask).sum() / n).item(),
+                 "clip_frac": ((((ratio - 1).abs() > clip_eps).float() * on).sum() / on.sum().clamp(min=1)).item(),
+                 "pg_loss": loss.item()}
+    return loss, stats
+
+
+def icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, step, eos):
+    """One ICPO step: G on-policy + n_off IEF rollouts per problem, ERRS, annealed bonus, std-scaled group
+    advantages, the mixed loss with every log-prob taken without the demonstration."""
+    G, n_off, B = cfg.group_size, cfg.n_off, len(batch)
+    t0 = time.time()
+    plain = [encode(tokenizer, format_prompt(tokenizer, p["problem"])) for p in batch]
+    guided = [encode(tokenizer, format_prompt(tokenizer, p["problem"], d)) for p, ds in zip(batch, demos) for d in ds]
+    rows = [plain[b] for b in range(B) for _ in range(G)] + guided            # (B*G + B*n_off) sampling prompts
+    completions, _ = generate(model, rows, cfg.max_new_tokens, cfg.temperature, cfg.top_p, eos,
+                              seed=cfg.seed * 1_000_003 + step)
+    t_sample = time.time() - t0
+    n_sampled = sum(len(c) for c in completions)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    golds = [p["answer"] for p in batch for _ in range(G)] + [p["answer"] for p in batch for _ in range(n_off)]
+    rewards_all, acc_all, boxed_all = score(texts, golds, cfg.format_bonus)
+    on, off = slice(0, B * G), slice(B * G, None)
+    # 1. ERRS: correct IEF rollouts replace on-policy ones
+    items = list(zip(completions, texts, rewards_all.tolist(), acc_all.tolist(), boxed_all.tolist()))
+    merged, is_off, accepted, rejected = errs_merge(items[on], items[off], [a >= cfg.delta for a in acc_all[off].tolist()],
+                                                    G, n_off)
+    completions = [m[0] for m in merged]
+    texts = [m[1] for m in merged]
+    acc = torch.tensor([m[3] for m in merged])
+    boxed = torch.tensor([m[4] for m in merged])
+    # 2. rewards with the annealed expert bonus on accepted IEF rows
+    bonus = expert_bonus(cfg.icpo_bonus, step, cfg.steps)
+    is_off_t = torch.tensor(is_off)
+    rewards = torch.tensor([m[2] for m in merged]) + bonus * is_off_t.float()
+    # 3. advantages over the mixed group, (r - mean) / std
+    adv = group_advantages(rewards, G, scale_by_std=True)
+    # 4. update: every row's log-probs WITHOUT the demonstration
+    train_prompts = [plain[b] for b in range(B) for _ in range(G)]
+    t1 = time.time()
+    loss_fn = lambda lp, old, ref, a, mask, r: icpo_loss(  # noqa: E731
+        lp, old, ref, a, mask, is_off_t[r].to(lp.device), cfg.clip_eps, cfg.beta, cfg.gamma, cfg.loss_norm,
+        cfg.max_new_tokens)
+    stats = policy_update(model, ref_model, optimizer, train_prompts, completions, adv, cfg, loss_fn)
+    t_train = time.time() - t1
+    n_tok = sum(len(c) for c in completions)
+    record = {"step": step + 1, "reward": rewards.mean().item(), "acc": acc.mean().item(), "boxed": boxed.mean().item(),
+              "acc_on": acc_all[on].mean().item(), "acc_ief": acc_all[off].mean().item() if n_off else 0.0,
+              "accepted": accepted, "rejected": rejected, "bonus": bonus,
+              **grpo.rollout_stats(completions, eos, cfg.max_new_tokens),
+              "zero_var": grpo.zero_variance_fraction(rewards, G), **stats,
+              "sample_tok_s": n_sampled / t_sample,
+              "train_tok_s": n_tok / t_train, "peak_mem_gb": grpo.peak_memory_gb(), "time": time.time() - t0}
+    return record, {"texts": texts, "rewards": rewards, "context": demos[0][0] if demos and demos[0] else None}
+
+# -----------------------------------------------------------------------------
+# the LL alone with a context source
+
+
+@dataclass
+class Config(grpo.Config):
+    out: str = arg("runs/context_grpo", "run folder: config.json, metrics.jsonl, samples.jsonl, ckpt/")
+    context: str = field(default="retrieved", metadata={
+        "help": "context source: retrieved (TF-IDF neighbour), random (training example), none",
+        "choices": ["retrieved", "random", "none"]})
+    lam: float = arg(0.1, "lambda: weight of the utilisation reward (0 = off, the plain GRPO reward)")
+    tau: float = arg(1.0, "tau': symmetric clip of the utilisation log-ratio")
+    util_reduce: str = field(default="mean", metadata={
+        "help": "utilisation over tokens: mean (a KL rate) or sum", "choices": ["mean", "sum"]})
+    prior: str = field(default="init", metadata={
+        "help": "q: init (frozen phi_0, shared with p_ref), base (--base-model), self (current LL, detached)",
+        "choices": ["init", "base", "self"]})
+    base_model: str = arg("", "the pretrained base model for --prior base (default: --model)")
+    icpo: bool = arg(False, "ICPO mode: G on-policy + n_off IEF rollouts with a demonstration, ERRS, bonus")
+    n_off: int = arg(1, "ICPO: IEF rollouts per problem")
+    icpo_bonus: float = arg(0.5, "ICPO: expert bonus beta_E at step 0, annealed linearly to 0 at the last step")
+    gamma: float = arg(0.1, "ICPO: shaping f(p) = p / (p + gamma) on IEF tokens")
+    delta: float = arg(1.0, "ICPO: ERRS acceptance threshold on R_task")
+
+
+def main(cfg):
+    out, model, tokenizer, ref_model, optimizer, step, problems, eos = grpo.setup(cfg)
+    if cfg.icpo:
+        source = context_source("random" if cfg.context == "none" else cfg.context, problems, cfg.seed)
+        print(f"ICPO: {len(problems)} problems, {cfg.batch_problems} x ({cfg.group_size} on-policy + {cfg.n_off} IEF "
+              f"with a {cfg.context} demonstration), {cfg.steps} steps")
+        step_fn = lambda batch, t: icpo_step(model, ref_model, optimizer, tokenizer, batch,  # noqa: E731
+                                             fit_contexts(tokenizer, batch, source(batch, cfg.n_off, t),
+                                                          cfg.max_prompt_tokens)[0], cfg, t, eos)
+    else:
+        prior = make_prior(cfg.prior, model, ref_model, cfg)
+        source = context_source(cfg.context, problems, cfg.seed)
+        print(f"context GRPO: {len(problems)} problems, {cfg.batch_problems} x {cfg.group_size} rollouts, context "
+              f"{cfg.context}, lambda {cfg.lam}, tau' {cfg.tau}, prior {cfg.prior}, {cfg.steps} steps; the printed "
+              f"loss is ~0 on-policy by construction: watch reward, acc and util")
+        step_fn = lambda batch, t: ll_step(model, ref_model, prior, optimizer, tokenizer, batch,  # noqa: E731
+                                           source(batch, cfg.group_size, t), cfg, t, eos)
+    grpo.train_loop(cfg, out, step, problems, step_fn, {"policy": model}, {"policy": optimizer}, tokenizer)
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

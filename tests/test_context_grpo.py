@@ -1,0 +1,195 @@
+"""Tests for context_grpo.py: lambda = 0 is plain GRPO, the utilisation reward, the priors, ICPO."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+import context_grpo as cg
+import grpo
+from conftest import make_tiny_model
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+PROBLEMS = [{"problem": "What is 2 + 3?", "answer": "5", "subject": "Arithmetic", "unique_id": "a/0",
+             "solution": "2 + 3 = 5, so $\\boxed{5}$."},
+            {"problem": "What is 4 + 4?", "answer": "8", "subject": "Arithmetic", "unique_id": "a/1",
+             "solution": "4 + 4 = 8, so $\\boxed{8}$."},
+            {"problem": "What is 7 + 1?", "answer": "8", "subject": "Arithmetic", "unique_id": "a/2",
+             "solution": "7 + 1 = 8, so $\\boxed{8}$."}]
+
+
+def cfg(**kw):
+    base = cg.Config(batch_problems=2, group_size=3, max_new_tokens=8, lr=1e-3, beta=0.04, micro_batch=3,
+                     format_bonus=0.5)
+    return replace(base, **kw)
+
+
+def setup(tokenizer, seed=0):
+    model = make_tiny_model(tokenizer, seed=seed)
+    ref = grpo.frozen_copy(model)
+    return model, ref, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def test_lambda_zero_is_plain_grpo(tokenizer):
+    c = cfg(lam=0.0)
+    eos = [tokenizer.eos_token_id]
+    contexts = [[cg.as_example(PROBLEMS[2])] * 3, [None, cg.as_example(PROBLEMS[0]), None]]
+    m1, r1, o1 = setup(tokenizer)
+    rec_ctx, roll_ctx = cg.ll_step(m1, r1, r1, o1, tokenizer, PROBLEMS[:2], contexts, c, 0, eos)
+    m2, r2, o2 = setup(tokenizer)
+    rec_plain, roll_plain = grpo.grpo_step(m2, r2, o2, tokenizer, PROBLEMS[:2], c, 0, eos, contexts)
+    assert torch.equal(roll_ctx["rewards"], roll_plain["rewards"])
+    for key in ("reward", "loss", "kl", "grad_norm"):
+        assert rec_ctx[key] == rec_plain[key], key
+    assert torch.equal(m1.model.embed_tokens.weight, m2.model.embed_tokens.weight)
+    # and a lambda > 0 does change the rewards
+    m3, r3, o3 = setup(tokenizer)
+    _, roll_shaped = cg.ll_step(m3, r3, r3, o3, tokenizer, PROBLEMS[:2], contexts, cfg(lam=1.0), 0, eos)
+    assert not torch.equal(roll_shaped["rewards"], roll_plain["rewards"])
+
+
+def test_utilization_matches_hand_computation(tiny_model, tokenizer):
+    x, ctx = PROBLEMS[0], cg.as_example(PROBLEMS[1])
+    with_c = grpo.encode(tokenizer, grpo.format_prompt(tokenizer, x["problem"], ctx))
+    without = grpo.encode(tokenizer, grpo.format_prompt(tokenizer, x["problem"]))
+    comps = [[11, 12, 13, 14], [15, 16]]
+    prior = make_tiny_model(tokenizer, seed=3)
+    with torch.no_grad():
+        lp_c, mask = grpo.sequence_logprobs(tiny_model, [with_c] * 2, comps)
+        lp_q, _ = grpo.sequence_logprobs(prior, [without] * 2, comps)
+    for reduce in ("mean", "sum"):
+        for tau in (0.05, 100.0):
+            u = cg.utilization_reward(lp_c, lp_q, mask, tau, reduce)
+            for i, c in enumerate(comps):  # by hand: the plain per-token log-ratios of row i
+                d = [lp_c[i, t].item() - lp_q[i, t].item() for t in range(len(c))]
+                value = sum(d) / len(d) if reduce == "mean" else sum(d)
+                assert u[i].item() == pytest.approx(max(-tau, min(tau, value)), abs=1e-5)
+    assert not cg.utilization_reward(lp_c.requires_grad_(), lp_q, mask, 1.0).requires_grad  # a reward
+
+
+def test_utilization_is_zero_without_context_and_prior_self(tiny_model, tokenizer):
+    c = cfg(lam=1.0, tau=10.0)
+    shaping = cg.utilization_shaping(tiny_model, tokenizer, PROBLEMS[:2], c)
+    prompts = [grpo.encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"])) for p in PROBLEMS[:2] for _ in range(3)]
+    comps, logps = grpo.generate(tiny_model, prompts, 8, 1.0, seed=0)
+    bonus, stats = shaping(prompts, comps, logps)
+    assert bonus.abs().max().item() < 1e-4 and abs(stats["util"]) < 1e-4
+
+
+def test_init_prior_is_the_reference_and_stays_frozen(tokenizer):
+    model, ref, opt = setup(tokenizer)
+    prior = cg.make_prior("init", model, ref, cfg())
+    assert prior is ref
+    before = [p.clone() for p in prior.parameters()]
+    eos = [tokenizer.eos_token_id]
+    src = cg.context_source("random", PROBLEMS, 0)
+    for t in range(2):
+        cg.ll_step(model, ref, prior, opt, tokenizer, PROBLEMS[:2], src(PROBLEMS[:2], 3, t), cfg(lam=1.0), t, eos)
+    assert all(torch.equal(a, b) for a, b in zip(before, prior.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the LL did move
+    assert cg.make_prior("self", model, ref, cfg()) is model
+
+
+def test_nearest_neighbours_same_subject_never_itself():
+    pool = PROBLEMS + [{"problem": "What is 2 + 3 + 1?", "answer": "6", "subject": "Other", "unique_id": "o/0"}]
+    nn = cg.nearest_neighbours(pool, pool, k=2)
+    for i, row in enumerate(nn):
+        for j in row:
+            assert j != i
+            if j >= 0:
+                assert pool[j]["subject"] == pool[i]["subject"]
+    assert list(nn[3]) == [-1, -1]  # alone in its subject: no neighbour, never a cross-subject one
+    geo = [{"problem": t, "answer": "1", "subject": "Geometry", "unique_id": f"g/{k}"} for k, t in enumerate([
+        "Find the area of a triangle with base 4 and height 6.",
+        "How many integers between 1 and 100 are prime?",
+        "A triangle has base 10 and height 3. What is its area?",
+        "Find the area of a triangle with base 4 and height 6."])]  # a duplicate text, another unique_id
+    nn = cg.nearest_neighbours(geo, geo, k=1)[:, 0]
+    assert nn[0] == 2 and nn[2] in (0, 3) and nn[3] == 2  # never its own text, even under another id
+    excluded = cg.nearest_neighbours(PROBLEMS[:1], PROBLEMS, k=2, exclude=lambda p: p["unique_id"] == "a/1")
+    assert list(excluded[0]) == [2, -1]
+
+
+def test_fit_contexts_drops_and_counts_long_contexts(tokenizer):
+    long_ctx = ("x " * 3000, "y")
+    fitted, dropped = cg.fit_contexts(tokenizer, PROBLEMS[:1], [[long_ctx, cg.as_example(PROBLEMS[1])]], 512)
+    assert dropped == 1 and fitted[0][0] is None and fitted[0][1] is not None
+
+
+# -----------------------------------------------------------------------------
+# ICPO
+
+
+def test_ief_training_logprobs_are_taken_without_the_demonstration(tokenizer):
+    model, ref, opt = setup(tokenizer)
+    seen = {}
+    real = grpo.sequence_logprobs
+
+    def spy(net, prompt_ids, completion_ids, temperature=1.0, chunk_tokens=1024):
+        seen.setdefault("prompts", []).extend(map(tuple, prompt_ids))
+        return real(net, prompt_ids, completion_ids, temperature, chunk_tokens)
+
+    grpo.sequence_logprobs = spy
+    try:
+        demos = [[cg.as_example(PROBLEMS[2])], [cg.as_example(PROBLEMS[0])]]
+        cg.icpo_step(model, ref, opt, tokenizer, PROBLEMS[:2], demos, cfg(icpo=True, delta=0.0), 0, [2])
+    finally:
+        grpo.sequence_logprobs = real
+    plain = {tuple(grpo.encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"]))) for p in PROBLEMS[:2]}
+    assert seen["prompts"] and set(seen["prompts"]) <= plain  # current, old and reference: all without D
+
+
+def test_errs_keeps_correct_ief_rollouts_and_the_group_size():
+    on = [f"on{i}" for i in range(8)]  # 2 groups of 4
+    off = ["offA", "offB", "offC", "offD"]  # 2 IEF rollouts per problem
+    merged, is_off, acc, rej = cg.errs_merge(on, off, [True, False, True, True], 4, 2)
+    assert len(merged) == 8 and (acc, rej) == (3, 1)
+    assert merged[:4] == ["on0", "on1", "on2", "offA"] and merged[4:] == ["on4", "on5", "offD", "offC"]
+    assert is_off == [False, False, False, True, False, False, True, True]
+
+
+def test_expert_bonus_anneals_linearly():
+    assert cg.expert_bonus(0.5, 0, 10) == 0.5
+    assert cg.expert_bonus(0.5, 10, 10) == 0.0
+    assert cg.expert_bonus(0.5, 5, 10) == pytest.approx(0.25)
+
+
+def test_icpo_shaping_gradient():
+    torch.manual_seed(0)
+    logp = (-torch.rand(2, 3) * 2).requires_grad_()
+    mask = torch.ones(2, 3)
+    A = torch.tensor([0.7, -1.3])
+    is_off = torch.tensor([True, True])
+    loss, _ = cg.icpo_loss(logp, logp.detach(), None, A, mask, is_off, 0.2, 0.0, gamma=0.1)
+    loss.backward()
+    p = logp.detach().exp()
+    # d/dlogp of -A * p/(p+gamma) = -A * gamma * p / (p+gamma)^2, then the per-sequence mean and the row mean
+    expected = -A[:, None] * 0.1 * p / (p + 0.1) ** 2 / 3 / 2
+    assert torch.allclose(logp.grad, expected, atol=1e-7)
+    # on-policy rows get exactly grpo_loss
+    on = torch.tensor([False, False])
+    a, _ = cg.icpo_loss(logp, logp.detach() - 0.1, None, A, mask, on, 0.2, 0.0, 0.1)
+    b, _ = grpo.grpo_loss(logp, logp.detach() - 0.1, None, A, mask, 0.2, 0.0)
+    assert torch.equal(a, b)
+
+
+# -----------------------------------------------------------------------------
+# the script, each mode
+
+
+@pytest.mark.parametrize("mode", [["--context", "retrieved", "--lam", "0.1"], ["--context", "random", "--prior", "self"],
+                                  ["--icpo", "--context", "none"]], ids=["retrieved", "random-self", "icpo"])
+def test_script_two_steps(mode, tiny_model_dir, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "context_grpo.py"), "--model", tiny_model_dir, "--steps", "2",
+           "--batch-problems", "2", "--group-size", "2", "--max-new-tokens", "6", "--limit", "20",
+           "--save-every", "2", "--out", "run", "--device", "cpu"] + mode
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2]
+    key = "accepted" if "--icpo" in mode else "util"
+    assert all(key in r for r in records)
+    assert os.path.exists(tmp_path / "run" / "ckpt" / "policy" / "config.json")
