@@ -195,7 +195,8 @@ def ll_step(model, ref_model, prior, optimizer, tokenizer, batch, contexts, cfg,
     shaping = utilization_shaping(prior, tokenizer, batch, cfg)
     record, roll = grpo.grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, contexts, shaping)
     given = [c for cs in contexts for c in cs if c is not None]
-    record["acc_ctx"] = record["acc"]  # accuracy of rollouts sampled with their context
+    has = torch.tensor([c is not None for cs in contexts for c in cs])
+    record["acc_ctx"] = roll["acc"][has].mean().item() if has.any() else float("nan")  # rollouts that had one
     record["ctx_len"] = (sum(len(encode(tokenizer, format_context(c))) for c in given) / len(given)) if given else 0.0
     record["ctx_frac"] = len(given) / (len(batch) * cfg.group_size)
     record["ctx_dropped"] = dropped

@@ -672,16 +672,16 @@ def grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, con
               "sample_tok_s": n_tok / t_sample,
               "train_tok_s": (n_tok + sum(len(p) for p in prompt_ids)) * (2 if ref_model else 1) / t_train,
               "peak_mem_gb": peak_memory_gb(), "time": time.time() - t0}
-    return record, {"texts": texts, "rewards": rewards, "prompt_ids": prompt_ids, "completions": completions}
+    return record, {"texts": texts, "rewards": rewards, "acc": acc, "prompt_ids": prompt_ids, "completions": completions}
 
 
 def print_record(prefix, r, total):
     """The one-line step summary."""
-    extra = "".join(f" {k} {r[k]:.3f}" for k in ("util", "util_clip", "acc_ctx", "accepted") if k in r)
+    extra = "".join(f" {k} {r[k]:.3f}" for k in ("util", "util_clip", "accepted", "parse_rate") if k in r)
     print(f"{prefix} {r['step']}/{total} | reward {r['reward']:.3f} acc {r['acc']:.3f} boxed {r['boxed']:.2f}{extra} "
           f"| len {r['len']:.0f} fin {r['finished']:.2f} | zero-var {r['zero_var']:.2f} | kl {r['kl']:.4f} "
           f"clip {r['clip_frac']:.3f} | loss {r['loss']:+.4f} gnorm {r['grad_norm']:.2f} "
-          f"| {r['sample_tok_s']:.0f} sample tok/s | {r['time']:.1f}s")
+          f"| {r['time']:.1f}s")
 
 
 def log_sample(out, step, problem, text, reward, context=None):

@@ -1,0 +1,286 @@
+"""
+hl_generator.py: the higher level, the context generator pi_theta(c | x) (DESIGN.md §5).
+
+    python hl_generator.py sft --data ../shared/data/math_train.jsonl --out runs/hl_sft   # D_SFT, then SFT
+    python hl_generator.py sample --model runs/hl_sft --data ../shared/data/math_train.jsonl
+    python hl_generator.py train --model runs/hl_sft --ll-model smollm2 --steps 20        # HL RL, LL frozen
+
+The HL reads a problem x and writes ONE related worked example c = (x', y') in a fixed format,
+"Problem: ...\\nSolution: ... \\boxed{...}" (grpo.format_context writes it, parse_context reads it back).
+
+    5.3 D_SFT: each training x paired with its nearest real neighbour (x', y') (TF-IDF cosine over the
+        problem text, same subject, never x itself, never a MATH-500 problem); theta_0 = SFT on D_SFT,
+        the loss on the target tokens only (sft_loss).
+    5.1 R_HL(x, c) = R_task(x, y) + alpha * (1/|y|) sum_t log p_phi(y_t | x, c, y_<t),  y ~ p_phi(. | x, c):
+        the confidence form of R_task - alpha * H(p_phi(. | x, c)), with the per-token mean log-prob of the
+        sampled answer (hl_reward), averaged over M answers of the frozen LL.
+    5.2 maximise E[R_HL] - beta_HL * KL(pi_theta || pi_SFT): for each x, G contexts, group advantages over
+        them, the clipped surrogate on the context tokens, k3 KL to the frozen pi_SFT (grpo.policy_update).
+
+Rules, numbered:
+    1. An HL output that does not parse (no "Problem:", no "Solution:", or no boxed answer: e.g. cut off
+       by the token budget) becomes NO context: the LL answers the bare problem. It is counted
+       (`parse_rate` in every log line) and still scored, so the HL's reward for it is the LL's reward
+       without help; the format itself is taught by SFT and held by the KL to pi_SFT.
+    2. The HL and the LL share one tokenizer (both come from the same base model).
+    3. "Pretrained HL" (experiments 2 and 3) is the base model prompted with the same format, no SFT.
+"""
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+import grpo
+from context_grpo import as_example, nearest_neighbours, normalize_text
+from grpo import arg, encode, format_context, format_prompt, generate, group_advantages, score, sequence_logprobs
+
+# -----------------------------------------------------------------------------
+# §5.3 the HL's prompt, its output format, D_SFT
+
+
+HL_INSTRUCTION = ("Write ONE worked example that would help a student solve the problem below: a related but "
+                  "different problem, and its step-by-step solution ending with the final answer in \\boxed{}. "
+                  "Use exactly this format:\nProblem: <the related problem>\nSolution: <its solution>")
+
+
+def hl_prompt(tokenizer, problem):
+    """The HL's prompt for x (the chat template where the tokenizer has one)."""
+    body = HL_INSTRUCTION + "\n\nThe problem:\n" + problem.strip()
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
+                                             add_generation_prompt=True)
+    return body + "\n\n"
+
+
+_PROBLEM = re.compile(r"problem\s*\**\s*:", re.IGNORECASE)
+_SOLUTION = re.compile(r"solution\s*\**\s*:", re.IGNORECASE)
+
+
+def parse_context(text):
+    """(problem, solution) from an HL output "Problem: ... Solution: ... \\boxed{...}", or None when it does
+    not parse: no "Problem:", no "Solution:" after it, an empty part, or no boxed final answer."""
+    if not text:
+        return None
+    p = _PROBLEM.search(text)
+    if p is None:
+        return None
+    s = _SOLUTION.search(text, p.end())
+    if s is None:
+        return None
+    problem, solution = text[p.end():s.start()].strip(" *\n\t"), text[s.end():].strip(" *\n\t")
+    if not problem or not solution or grpo.extract_boxed(solution) is None:
+        return None
+    return problem, solution
+
+
+def holdout_filter(holdout_problems):
+    """A predicate: is this problem one of the held-out (MATH-500) problems, by unique_id or by text?"""
+    ids = {p.get("unique_id") for p in holdout_problems} - {None}
+    texts = {normalize_text(p["problem"]) for p in holdout_problems}
+    return lambda p: p.get("unique_id") in ids or normalize_text(p["problem"]) in texts
+
+
+def build_sft_pairs(train_problems, holdout_problems=()):
+    """D_SFT: [(x, (x', y'))], x' the nearest neighbour of x in the training set by TF-IDF cosine, same
+    subject when given, never x itself, never a held-out problem (neither as x nor as x')."""
+    held = holdout_filter(holdout_problems)
+    train = [p for p in train_problems if not held(p)]
+    nn = nearest_neighbours(train, train, k=1, exclude=held)[:, 0]
+    return [(x, as_example(train[j])) for x, j in zip(train, nn) if j >= 0]
+
+# -----------------------------------------------------------------------------
+# SFT: theta_0
+
+
+def sft_loss(model, prompt_ids, target_ids):
+    """Mean negative log-likelihood of the target tokens given the prompt. The prompt tokens are not in
+    the completion, so their loss weight is 0 by construction (the completion mask of grpo.py)."""
+    logp, mask = sequence_logprobs(model, prompt_ids, target_ids)
+    return -(logp * mask).sum() / mask.sum()
+
+
+def sft_examples(tokenizer, pairs, max_context_tokens, eos_id):
+    """Token ids: the HL prompt of x, and the target "Problem: x'\\nSolution: y'" + EOS, cut to the budget
+    (counted: a cut target teaches a cut format, so it is dropped instead)."""
+    prompts, targets, dropped = [], [], 0
+    for x, example in pairs:
+        target = encode(tokenizer, format_context(example)) + [eos_id]
+        if len(target) > max_context_tokens:
+            dropped += 1
+            continue
+        prompts.append(encode(tokenizer, hl_prompt(tokenizer, x["problem"])))
+        targets.append(target)
+    if dropped:
+        print(f"SFT: dropped {dropped} of {len(pairs)} pairs whose target exceeds {max_context_tokens} tokens")
+    return prompts, targets
+
+
+def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
+    """Supervised fine-tuning of the HL on D_SFT: AdamW, cfg.sft_batch pairs per step, cfg.sft_steps steps
+    (cycling), loss on the target tokens only; the held-out loss (cfg.sft_heldout pairs) before and after."""
+    prompts, targets = sft_examples(tokenizer, pairs, cfg.max_context_tokens, eos_id)
+    n_held = min(cfg.sft_heldout, len(prompts) // 5)
+    hp, ht, tp, tt = prompts[:n_held], targets[:n_held], prompts[n_held:], targets[n_held:]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+
+    def heldout():
+        if not hp:
+            return float("nan")
+        with torch.no_grad():
+            return sum(sft_loss(model, hp[i:i + 8], ht[i:i + 8]).item() * len(hp[i:i + 8])
+                       for i in range(0, len(hp), 8)) / len(hp)
+
+    log(f"SFT: {len(tp)} train pairs, {len(hp)} held out, {cfg.sft_steps} steps of {cfg.sft_batch}; "
+        f"held-out loss before {heldout():.3f}")
+    model.train()
+    t0 = time.time()
+    for step in range(cfg.sft_steps):
+        idx = [(step * cfg.sft_batch + k) % len(tp) for k in range(cfg.sft_batch)]
+        loss = sft_loss(model, [tp[i] for i in idx], [tt[i] for i in idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % max(1, cfg.sft_steps // 10) == 0 or step == cfg.sft_steps - 1:
+            left = (time.time() - t0) / (step + 1) * (cfg.sft_steps - step - 1)
+            log(f"SFT step {step + 1}/{cfg.sft_steps} | loss {loss.item():.3f} | ~{left:.0f}s left")
+    model.eval()
+    after = heldout()
+    log(f"SFT: held-out loss after {after:.3f}")
+    return after
+
+# -----------------------------------------------------------------------------
+# contexts from the HL, §5.1 the HL reward, §5.2 the HL update
+
+
+@torch.no_grad()
+def generate_contexts(hl_model, tokenizer, problems, n, max_tokens, temperature, eos, seed=None):
+    """n contexts per problem from pi_theta (greedy at temperature 0). Returns (contexts: per problem n
+    parsed (x', y') or None (rule 1), hl prompt ids per row, completion ids per row, parse rate)."""
+    prompt_ids = [encode(tokenizer, hl_prompt(tokenizer, p["problem"])) for p in problems for _ in range(n)]
+    completions, _ = generate(hl_model, prompt_ids, max_tokens, temperature, 1.0, eos, seed=seed)
+    parsed = [parse_context(t) for t in tokenizer.batch_decode(completions, skip_special_tokens=True)]
+    contexts = [parsed[i * n:(i + 1) * n] for i in range(len(problems))]
+    rate = sum(c is not None for c in parsed) / max(1, len(parsed))
+    return contexts, prompt_ids, completions, rate
+
+
+def hl_reward(task_rewards, ll_logprobs, mask, alpha):
+    """R_HL = R_task + alpha * (1/|y|) sum_t log p_phi(y_t | x, c, y_<t): the confidence form of
+    R_task - alpha * H(p_phi(. | x, c)), per LL answer, with the per-token MEAN log-prob (so long answers
+    are not penalised for their length). task_rewards: (N,); ll_logprobs, mask: (N, T)."""
+    mean_logp = (ll_logprobs * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return task_rewards + alpha * mean_logp
+
+
+def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, step, eos):
+    """One HL update with the LL frozen: G contexts per x, M LL answers per context, R_HL averaged over
+    the M answers, group advantages over the G contexts, clipped surrogate + beta_HL * k3 KL to pi_SFT
+    on the context tokens."""
+    G, M = cfg.hl_group, cfg.ll_answers
+    t0 = time.time()
+    # 1. G contexts per problem from pi_theta
+    hl_temperature = cfg.hl_temperature or 1.0  # the update needs distinct contexts: never greedy here
+    contexts, hl_prompts, hl_completions, parse_rate = generate_contexts(
+        hl_model, tokenizer, batch, G, cfg.max_context_tokens, hl_temperature, eos, seed=cfg.seed * 1_000_003 + step + 17)
+    # 2. M answers of the frozen LL per context; y ~ p_phi(. | x, c), its per-token log-probs (no gradient)
+    ll_prompts = [encode(tokenizer, format_prompt(tokenizer, p["problem"], c))
+                  for p, cs in zip(batch, contexts) for c in cs for _ in range(M)]  # (B*G*M)
+    answers, answer_logp = generate(ll_model, ll_prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, eos,
+                                    seed=cfg.seed * 1_000_003 + step + 29)
+    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+    r_task, acc, boxed = score(texts, [p["answer"] for p in batch for _ in range(G * M)], cfg.format_bonus)
+    logp, mask = grpo.pad_completions(answer_logp, value=0.0)
+    # 3. R_HL per answer, averaged over each context's M answers -> (B*G,)
+    r_hl = hl_reward(r_task, logp, mask, cfg.alpha).view(-1, M).mean(1)
+    # 4. advantages over the G contexts of each problem
+    adv = group_advantages(r_hl, G, cfg.scale_by_std)
+    # 5. the update of pi_theta on the context tokens, KL to the frozen pi_SFT
+    update_cfg = SimpleNamespace(micro_batch=cfg.micro_batch, updates=cfg.updates, clip_eps=cfg.clip_eps,
+                                 beta=cfg.beta_hl, loss_norm=cfg.loss_norm, max_new_tokens=cfg.max_context_tokens,
+                                 temperature=hl_temperature, grad_clip=cfg.grad_clip)
+    stats = grpo.policy_update(hl_model, sft_model if cfg.beta_hl else None, optimizer, hl_prompts,
+                               hl_completions, adv, update_cfg)
+    record = {"step": step + 1, "reward": r_hl.mean().item(), "acc": acc.mean().item(), "boxed": boxed.mean().item(),
+              "parse_rate": parse_rate, "ctx_len": sum(len(c) for c in hl_completions) / len(hl_completions),
+              **grpo.rollout_stats(answers, eos, cfg.max_new_tokens), "zero_var": grpo.zero_variance_fraction(r_hl, G),
+              **stats, "sample_tok_s": 0.0, "peak_mem_gb": grpo.peak_memory_gb(), "time": time.time() - t0}
+    roll = {"texts": [tokenizer.decode(hl_completions[0], skip_special_tokens=True)], "rewards": r_hl,
+            "context": contexts[0][0]}
+    return record, roll
+
+# -----------------------------------------------------------------------------
+# commands
+
+
+@dataclass
+class Config(grpo.Config):
+    model: str = arg("smollm2", "HL model: smollm2, Qwen2.5-0.5B, a hub id, or a folder (an SFT'd HL)")
+    out: str = arg("runs/hl", "run folder (sft: the SFT'd HL is saved in OUT/hl)")
+    holdout: str = arg("", "JSONL of problems never used in D_SFT (default: math500.jsonl beside --data, if any)")
+    max_context_tokens: int = arg(192, "HL budget per context (SFT targets longer than this are dropped)")
+    sft_steps: int = arg(60, "SFT steps")
+    sft_batch: int = arg(8, "SFT pairs per step")
+    sft_lr: float = arg(5e-5, "SFT learning rate")
+    sft_heldout: int = arg(32, "pairs held out for the printed SFT loss")
+    ll_model: str = arg("smollm2", "train: the frozen LL that answers with the HL's contexts")
+    hl_group: int = arg(4, "G: contexts per problem in the HL update")
+    ll_answers: int = arg(2, "M: LL answers per context")
+    alpha: float = arg(0.1, "alpha: weight of the LL's mean token log-prob in R_HL (0 = task only)")
+    beta_hl: float = arg(0.04, "beta_HL: k3 KL to the frozen pi_SFT (0 = no SFT constraint)")
+    hl_temperature: float = arg(1.0, "HL sampling temperature (0 = greedy)")
+    n_show: int = arg(4, "sample: contexts to print")
+
+
+def find_holdout(cfg):
+    """MATH-500 problems to keep out of D_SFT: --holdout, else math500.jsonl beside --data when it exists."""
+    path = cfg.holdout or (os.path.join(os.path.dirname(cfg.data), "math500.jsonl") if os.path.isfile(cfg.data) else "")
+    if path and os.path.exists(path):
+        print(f"D_SFT excludes the problems of {path}")
+        return grpo.load_problems(path)
+    print("D_SFT: no held-out file found (--holdout): no MATH-500 exclusion beyond the data itself")
+    return []
+
+
+def main(command, cfg):
+    out = grpo.start_run(cfg)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = grpo.load_model(cfg.model, device=device)
+    model.eval()
+    eos = grpo.eos_token_ids(model, tokenizer)
+    problems = grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed)
+    if command == "sft":
+        pairs = build_sft_pairs(problems, find_holdout(cfg))
+        print(f"D_SFT: {len(pairs)} pairs, e.g.\n  x : {pairs[0][0]['problem'][:120]!r}\n  x': {pairs[0][1][0][:120]!r}")
+        sft(model, tokenizer, pairs, cfg, tokenizer.eos_token_id)
+        model.save_pretrained(os.path.join(out, "hl"))
+        tokenizer.save_pretrained(os.path.join(out, "hl"))
+        print(f"saved the SFT'd HL to {out}/hl")
+    elif command == "sample":
+        batch = problems[:cfg.n_show]
+        contexts, _, completions, rate = generate_contexts(model, tokenizer, batch, 1, cfg.max_context_tokens,
+                                                           cfg.hl_temperature, eos, seed=cfg.seed)
+        for p, c, text in zip(batch, contexts, tokenizer.batch_decode(completions, skip_special_tokens=True)):
+            print(f"=== x: {p['problem'][:200]}\n--- HL output ({'parsed' if c[0] else 'DOES NOT PARSE'}):\n{text}\n")
+        print(f"parse rate {rate:.2f} on {len(batch)} problems (greedy: --hl-temperature 0)")
+    elif command == "train":
+        sft_model = grpo.frozen_copy(model)  # pi_SFT: the HL as it was loaded, frozen
+        ll_model, _ = grpo.load_model(cfg.ll_model, device=device)
+        ll_model.eval().requires_grad_(False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+        step = grpo.load_checkpoint(out, {"hl": model}, {"hl": optimizer}) if cfg.resume else 0
+        grpo.train_loop(cfg, out, step, problems,
+                        lambda batch, t: hl_step(model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, t, eos),
+                        {"hl": model}, {"hl": optimizer}, tokenizer, name="hl step")
+    else:
+        raise SystemExit(f"unknown command {command!r}: sft, sample or train")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in ("sft", "sample", "train"):
+        raise SystemExit("usage: python hl_generator.py {sft,sample,train} [--flags]  (--help after the command)")
+    main(sys.argv[1], grpo.parse_config(Config, sys.argv[2:]))

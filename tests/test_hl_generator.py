@@ -1,0 +1,177 @@
+"""Tests for hl_generator.py: the parser, D_SFT on the real files, SFT, the HL reward, the KL to pi_SFT."""
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+import grpo
+import hl_generator as hl
+from conftest import MATH500, MATH_TRAIN, make_tiny_model
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+# -----------------------------------------------------------------------------
+# the parser
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Problem: What is 1+1?\nSolution: 1+1 = 2, so $\\boxed{2}$.", ("What is 1+1?", "1+1 = 2, so $\\boxed{2}$.")),
+    ("Sure! Here is one.\n**Problem:** Find $x$ if $2x=4$.\n**Solution:** $x=\\boxed{2}$",
+     ("Find $x$ if $2x=4$.", "$x=\\boxed{2}$")),
+    ("problem: a\nsolution: \\boxed{1}", ("a", "\\boxed{1}")),
+])
+def test_parse_well_formed(text, expected):
+    assert hl.parse_context(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "",                                                        # empty
+    "Problem: What is 1+1?\nSolution: We add the two numbers and get",  # truncated: no box yet
+    "Problem: What is 1+1?",                                   # no solution
+    "Solution: \\boxed{2}\nProblem: what?",                    # wrong order
+    "Problem: \nSolution: \\boxed{2}",                         # empty problem
+    "Problem: x\nSolution: \\boxed{2",                         # unbalanced box
+    "just some text \\boxed{3}",
+])
+def test_parse_rejects_malformed(text):
+    assert hl.parse_context(text) is None
+
+
+def test_parse_hostile_is_bounded():
+    for text in ("Problem:" * 20_000, "Problem: " + "{" * 50_000 + "Solution: \\boxed{1}",
+                 "Problem: a\x00\nSolution: \\boxed{__import__('os')}", "Solution:" * 30_000 + "Problem:"):
+        start = time.perf_counter()
+        hl.parse_context(text)
+        assert time.perf_counter() - start < 2.0
+
+
+def test_format_round_trip():
+    example = ("What is $3 \\cdot 4$?", "We multiply: $3 \\cdot 4 = \\boxed{12}$.")
+    assert hl.parse_context(grpo.format_context(example)) == example  # what SFT teaches is what parses
+
+# -----------------------------------------------------------------------------
+# D_SFT
+
+
+@pytest.mark.skipif(not (os.path.exists(MATH_TRAIN) and os.path.exists(MATH500)), reason="../shared/data absent")
+def test_sft_pairs_on_the_real_files():
+    train = grpo.load_problems(MATH_TRAIN)
+    test = grpo.load_problems(MATH500)
+    start = time.perf_counter()
+    pairs = hl.build_sft_pairs(train + test[:50], test)  # MATH-500 problems slipped into train must not appear
+    elapsed = time.perf_counter() - start
+    held_ids = {p["unique_id"] for p in test}
+    held_text = {hl.normalize_text(p["problem"]) for p in test}
+    by_text = {hl.normalize_text(p["problem"]): p for p in train}
+    assert len(pairs) == len(train)
+    for x, (xp, yp) in pairs:
+        assert x["unique_id"] not in held_ids
+        assert hl.normalize_text(xp) not in held_text
+        assert hl.normalize_text(xp) != hl.normalize_text(x["problem"])  # never x itself
+        assert by_text[hl.normalize_text(xp)]["subject"] == x["subject"]  # same subject
+    assert elapsed < 60, f"D_SFT took {elapsed:.0f}s"  # seconds, not minutes (generous bound for slow CI)
+
+# -----------------------------------------------------------------------------
+# SFT
+
+
+def test_sft_loss_counts_target_tokens_only(tiny_model, tokenizer):
+    prompt = grpo.encode(tokenizer, hl.hl_prompt(tokenizer, "What is 2+2?"))
+    target = [100, 200, 300, 2]
+    loss = hl.sft_loss(tiny_model, [prompt], [target])
+    with torch.no_grad():
+        logits = tiny_model(torch.tensor([prompt + target])).logits[0]
+    lp = logits.log_softmax(-1)
+    # by hand: only the positions that predict target tokens, none of the prompt's own next-token terms
+    by_hand = -sum(lp[len(prompt) - 1 + t, tok] for t, tok in enumerate(target)) / len(target)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    other_prompt = grpo.encode(tokenizer, hl.hl_prompt(tokenizer, "What is 2+2? Think."))
+    assert hl.sft_loss(tiny_model, [other_prompt], [target]).item() != pytest.approx(loss.item())  # it conditions
+
+
+def test_sft_overfits_a_tiny_set(tokenizer):
+    model = make_tiny_model(tokenizer)
+    pairs = [({"problem": f"What is {a} + 1?"}, (f"What is {a} + 2?", f"{a} + 2 = {a + 2}, so $\\boxed{{{a + 2}}}$."))
+             for a in range(8)]
+    cfg = hl.Config(max_context_tokens=64, sft_steps=30, sft_batch=4, sft_lr=3e-3, sft_heldout=0)
+    prompts, targets = hl.sft_examples(tokenizer, pairs, 64, tokenizer.eos_token_id)
+    before = hl.sft_loss(model, prompts, targets).item()
+    hl.sft(model, tokenizer, pairs, cfg, tokenizer.eos_token_id, log=lambda *_: None)
+    after = hl.sft_loss(model, prompts, targets).item()
+    assert after < 0.5 * before
+
+# -----------------------------------------------------------------------------
+# the HL reward and the KL to pi_SFT
+
+
+def test_hl_reward_formula():
+    r = torch.tensor([1.0, 0.0])
+    logp = torch.tensor([[-1.0, -3.0, 0.0], [-0.5, -0.5, -2.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    out = hl.hl_reward(r, logp, mask, alpha=0.5)
+    assert torch.allclose(out, torch.tensor([1.0 + 0.5 * -2.0, 0.0 + 0.5 * -1.0]))
+    assert torch.equal(hl.hl_reward(r, logp, mask, alpha=0.0), r)  # alpha = 0: task only
+
+
+def test_kl_to_sft_is_zero_after_sft_and_beta_zero_drops_it(tokenizer):
+    hl_model = make_tiny_model(tokenizer, seed=2)
+    sft_model = grpo.frozen_copy(hl_model)  # right after SFT: pi_theta == pi_SFT
+    prompts = [grpo.encode(tokenizer, hl.hl_prompt(tokenizer, "What is 1+1?"))] * 2
+    comps = [[10, 11, 12], [13, 14]]
+    adv = torch.tensor([1.0, -1.0])
+    seen = []
+
+    def spy(lp, old, ref, a, mask, rows):
+        seen.append(ref)
+        return grpo.grpo_loss(lp, old, ref, a, mask, 0.2, beta, "seq", 8)
+
+    for beta in (0.1, 0.0):
+        cfg = type("C", (), dict(micro_batch=2, updates=1, clip_eps=0.2, beta=beta, loss_norm="seq",
+                                 max_new_tokens=8, temperature=1.0, grad_clip=0))
+        opt = torch.optim.SGD(hl_model.parameters(), lr=0.0)
+        stats = grpo.policy_update(hl_model, sft_model if beta else None, opt, prompts, comps, adv, cfg, spy)
+        if beta:
+            assert stats["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert seen[0] is not None and seen[1] is None  # beta_HL = 0: no reference pass, no KL term
+
+
+def test_hl_step_gives_no_gradient_to_the_ll(tokenizer):
+    hl_model, ll_model = make_tiny_model(tokenizer, seed=4), make_tiny_model(tokenizer, seed=5)
+    ll_before = [p.clone() for p in ll_model.parameters()]
+    cfg = replace(hl.Config(), hl_group=2, ll_answers=2, max_context_tokens=8, max_new_tokens=6, lr=1e-3, micro_batch=4)
+    problems = [{"problem": "What is 1 + 1?", "answer": "2"}, {"problem": "What is 2 + 2?", "answer": "4"}]
+    opt = torch.optim.AdamW(hl_model.parameters(), lr=1e-3)
+    record, _ = hl.hl_step(hl_model, grpo.frozen_copy(hl_model), ll_model, opt, tokenizer, problems, cfg, 0, [2])
+    assert all(torch.equal(a, b) for a, b in zip(ll_before, ll_model.parameters()))
+    assert all(p.grad is None for p in ll_model.parameters())
+    assert 0.0 <= record["parse_rate"] <= 1.0 and "kl" in record
+
+# -----------------------------------------------------------------------------
+# the commands
+
+
+def run(args, cwd):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "hl_generator.py")] + args, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_sft_then_train_commands(tiny_model_dir, tmp_path):
+    out = run(["sft", "--model", tiny_model_dir, "--data", "arith", "--limit", "40", "--sft-steps", "2",
+               "--sft-batch", "4", "--out", "sft", "--device", "cpu"], tmp_path)
+    assert "held-out loss after" in out
+    assert os.path.exists(tmp_path / "sft" / "hl" / "config.json")
+    out = run(["sample", "--model", str(tmp_path / "sft" / "hl"), "--data", "arith", "--n-show", "2",
+               "--max-context-tokens", "8", "--out", "sample", "--device", "cpu"], tmp_path)
+    assert "parse rate" in out
+    run(["train", "--model", str(tmp_path / "sft" / "hl"), "--ll-model", tiny_model_dir, "--data", "arith",
+         "--limit", "20", "--steps", "2", "--batch-problems", "1", "--hl-group", "2", "--ll-answers", "1",
+         "--max-context-tokens", "8", "--max-new-tokens", "6", "--out", "train", "--device", "cpu"], tmp_path)
+    records = [json.loads(l) for l in open(tmp_path / "train" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2] and all("parse_rate" in r for r in records)
