@@ -672,7 +672,8 @@ def grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, con
               "sample_tok_s": n_tok / t_sample,
               "train_tok_s": (n_tok + sum(len(p) for p in prompt_ids)) * (2 if ref_model else 1) / t_train,
               "peak_mem_gb": peak_memory_gb(), "time": time.time() - t0}
-    return record, {"texts": texts, "rewards": rewards, "acc": acc, "prompt_ids": prompt_ids, "completions": completions}
+    return record, {"texts": texts, "rewards": rewards, "acc": acc, "boxed": boxed, "prompt_ids": prompt_ids,
+                    "completions": completions, "sampler_logp": sampler_logp}
 
 
 def print_record(prefix, r, total):

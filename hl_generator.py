@@ -123,6 +123,9 @@ def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
     """Supervised fine-tuning of the HL on D_SFT: AdamW, cfg.sft_batch pairs per step, cfg.sft_steps steps
     (cycling), loss on the target tokens only; the held-out loss (cfg.sft_heldout pairs) before and after."""
     prompts, targets = sft_examples(tokenizer, pairs, cfg.max_context_tokens, eos_id)
+    if len(prompts) < 2:
+        raise SystemExit(f"SFT: {len(prompts)} of {len(pairs)} D_SFT pairs fit --max-context-tokens "
+                         f"{cfg.max_context_tokens}: raise it (or use data with shorter solutions)")
     n_held = min(cfg.sft_heldout, len(prompts) // 5)
     hp, ht, tp, tt = prompts[:n_held], targets[:n_held], prompts[n_held:], targets[n_held:]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
@@ -177,6 +180,17 @@ def hl_reward(task_rewards, ll_logprobs, mask, alpha):
     return task_rewards + alpha * mean_logp
 
 
+def hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, cfg):
+    """§5.2: advantages of R_HL over the G contexts of each problem (cfg.hl_group), then the clipped
+    surrogate on the context tokens plus beta_HL * k3 KL to the frozen pi_SFT (none when beta_HL = 0)."""
+    adv = group_advantages(r_hl, cfg.hl_group, cfg.scale_by_std)
+    update_cfg = SimpleNamespace(micro_batch=cfg.micro_batch, updates=cfg.updates, clip_eps=cfg.clip_eps,
+                                 beta=cfg.beta_hl, loss_norm=cfg.loss_norm, max_new_tokens=cfg.max_context_tokens,
+                                 temperature=cfg.hl_temperature or 1.0, grad_clip=cfg.grad_clip)
+    return grpo.policy_update(hl_model, sft_model if cfg.beta_hl else None, optimizer, hl_prompts, hl_completions,
+                              adv, update_cfg)
+
+
 def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, step, eos):
     """One HL update with the LL frozen: G contexts per x, M LL answers per context, R_HL averaged over
     the M answers, group advantages over the G contexts, clipped surrogate + beta_HL * k3 KL to pi_SFT
@@ -197,18 +211,12 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
     logp, mask = grpo.pad_completions(answer_logp, value=0.0)
     # 3. R_HL per answer, averaged over each context's M answers -> (B*G,)
     r_hl = hl_reward(r_task, logp, mask, cfg.alpha).view(-1, M).mean(1)
-    # 4. advantages over the G contexts of each problem
-    adv = group_advantages(r_hl, G, cfg.scale_by_std)
-    # 5. the update of pi_theta on the context tokens, KL to the frozen pi_SFT
-    update_cfg = SimpleNamespace(micro_batch=cfg.micro_batch, updates=cfg.updates, clip_eps=cfg.clip_eps,
-                                 beta=cfg.beta_hl, loss_norm=cfg.loss_norm, max_new_tokens=cfg.max_context_tokens,
-                                 temperature=hl_temperature, grad_clip=cfg.grad_clip)
-    stats = grpo.policy_update(hl_model, sft_model if cfg.beta_hl else None, optimizer, hl_prompts,
-                               hl_completions, adv, update_cfg)
+    # 4-5. group advantages over the G contexts, the update of pi_theta with the KL to the frozen pi_SFT
+    stats = hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, cfg)
     record = {"step": step + 1, "reward": r_hl.mean().item(), "acc": acc.mean().item(), "boxed": boxed.mean().item(),
               "parse_rate": parse_rate, "ctx_len": sum(len(c) for c in hl_completions) / len(hl_completions),
               **grpo.rollout_stats(answers, eos, cfg.max_new_tokens), "zero_var": grpo.zero_variance_fraction(r_hl, G),
-              **stats, "sample_tok_s": 0.0, "peak_mem_gb": grpo.peak_memory_gb(), "time": time.time() - t0}
+              **stats, "peak_mem_gb": grpo.peak_memory_gb(), "time": time.time() - t0}
     roll = {"texts": [tokenizer.decode(hl_completions[0], skip_special_tokens=True)], "rewards": r_hl,
             "context": contexts[0][0]}
     return record, roll

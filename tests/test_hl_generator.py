@@ -167,6 +167,10 @@ def test_sft_then_train_commands(tiny_model_dir, tmp_path):
                "--sft-batch", "4", "--out", "sft", "--device", "cpu"], tmp_path)
     assert "held-out loss after" in out
     assert os.path.exists(tmp_path / "sft" / "hl" / "config.json")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "hl_generator.py"), "sft", "--model", tiny_model_dir,
+                           "--data", "arith", "--limit", "40", "--max-context-tokens", "5", "--out", "short"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "raise it" in proc.stderr  # a clear message, not a ZeroDivisionError
     out = run(["sample", "--model", str(tmp_path / "sft" / "hl"), "--data", "arith", "--n-show", "2",
                "--max-context-tokens", "8", "--out", "sample", "--device", "cpu"], tmp_path)
     assert "parse rate" in out

@@ -1,0 +1,177 @@
+"""
+eval_math500.py: MATH-500 accuracy of an LL, with or without an HL's context (experiments 2-5 at test time).
+
+    python eval_math500.py --model runs/exp5/ckpt/ll --hl-model runs/exp5/ckpt/hl --data ../shared/data/math500.jsonl
+    python eval_math500.py --model Qwen2.5-0.5B                  # MATH-500 from the hub (HuggingFaceH4/MATH-500)
+    python eval_math500.py --model smollm2 --data ../shared/data/math500.jsonl --limit 50 --samples 4 --temperature 1
+    python eval_math500.py --report runs/*                       # one markdown table of the runs
+
+Greedy by default; --samples K scores K sampled answers per problem (mean accuracy). With --hl-model each
+problem first gets one greedy context from the HL; an HL output that does not parse means no context
+(hl_generator rule 1) and is counted in the parse rate. Prints the accuracy with a 95% interval, per level
+and per subject, and writes every problem, context, response, extracted answer and verdict to --out.
+
+The interval: with one answer per problem, the Wilson score interval of the binomial (it stays honest at
+0 and 1, where the plain normal interval collapses to a point); with K > 1 answers, a normal interval over
+the per-problem mean accuracies (answers to one problem are correlated, so they are not n*K trials).
+"""
+import glob
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import grpo
+from grpo import arg, encode, format_context, format_prompt, generate
+from hl_generator import generate_contexts
+from math_reward import extract_boxed, reward
+
+
+def wilson_interval(k, n, z=1.96):
+    """95% Wilson score interval for k successes in n trials."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_interval(scores, samples):
+    """(mean, low, high) of per-problem scores (each the mean over its `samples` answers)."""
+    n = len(scores)
+    mean = sum(scores) / max(n, 1)
+    if samples == 1:
+        return (mean, *wilson_interval(round(sum(scores)), n))
+    sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(n - 1, 1))
+    half = 1.96 * sd / math.sqrt(max(n, 1))
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
+
+
+@torch.no_grad()
+def evaluate(ll_model, tokenizer, problems, eos, hl_model=None, samples=1, temperature=0.0, max_new_tokens=512,
+             max_context_tokens=384, batch_size=16, seed=0, out_file=None, log=print):
+    """Score the LL on problems (contexts from hl_model, greedy, when given). Returns the summary dict;
+    writes one JSON line per problem to out_file when given."""
+    if samples > 1 and temperature == 0:
+        raise SystemExit("--samples K > 1 needs --temperature > 0 (greedy answers would all be the same)")
+    records, t0 = [], time.time()
+    for start in range(0, len(problems), batch_size):
+        batch = problems[start:start + batch_size]
+        contexts = [None] * len(batch)
+        if hl_model is not None:
+            ctx, _, _, _ = generate_contexts(hl_model, tokenizer, batch, 1, max_context_tokens, 0.0, eos)
+            contexts = [c[0] for c in ctx]
+        prompts = [encode(tokenizer, format_prompt(tokenizer, p["problem"], c)) for p, c in zip(batch, contexts)]
+        rows = [p for p in prompts for _ in range(samples)]
+        answers, _ = generate(ll_model, rows, max_new_tokens, temperature, 1.0, eos, seed=seed + start)
+        texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+        for i, (p, c) in enumerate(zip(batch, contexts)):
+            responses = texts[i * samples:(i + 1) * samples]
+            verdicts = [reward(r, p["answer"]) for r in responses]
+            records.append({"unique_id": p.get("unique_id"), "level": p.get("level"), "subject": p.get("subject"),
+                            "problem": p["problem"], "answer": p["answer"],
+                            "context": format_context(c) if c else None, "context_parsed": c is not None,
+                            "responses": responses, "extracted": [extract_boxed(r) for r in responses],
+                            "verdicts": verdicts, "score": sum(verdicts) / samples})
+        done = len(records)
+        left = (time.time() - t0) / done * (len(problems) - done)
+        acc = sum(r["score"] for r in records) / done
+        log(f"eval {done}/{len(problems)} | acc so far {acc:.3f} | ~{left:.0f}s left")
+    if out_file:
+        os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
+        with open(out_file, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return summarize(records, samples, hl_model is not None, time.time() - t0)
+
+
+def summarize(records, samples, with_hl, seconds):
+    mean, low, high = accuracy_interval([r["score"] for r in records], samples)
+    summary = {"acc": mean, "ci_low": low, "ci_high": high, "n": len(records), "samples": samples, "seconds": seconds,
+               "parse_rate": (sum(r["context_parsed"] for r in records) / len(records)) if with_hl else None,
+               "by_level": {}, "by_subject": {}}
+    for key, table in (("level", "by_level"), ("subject", "by_subject")):
+        groups = {}
+        for r in records:
+            groups.setdefault(str(r.get(key)), []).append(r["score"])
+        summary[table] = {g: {"acc": sum(s) / len(s), "n": len(s)} for g, s in sorted(groups.items())}
+    return summary
+
+
+def print_summary(s, log=print):
+    per = f" x {s['samples']} samples" if s["samples"] > 1 else ""
+    hl = f"  | HL context parse rate {s['parse_rate']:.2f}" if s["parse_rate"] is not None else ""
+    log(f"accuracy {s['acc']:.3f}  95% CI [{s['ci_low']:.3f}, {s['ci_high']:.3f}]  n = {s['n']} problems{per}{hl}")
+    for table in ("by_level", "by_subject"):
+        log(f"  {table[3:]:8} " + "  ".join(f"{g}: {v['acc']:.2f} ({v['n']})" for g, v in s[table].items()))
+
+# -----------------------------------------------------------------------------
+# the report over run folders
+
+
+def report(folders, log=print):
+    """One markdown table: run, experiment, flags that differ from the experiment's defaults, accuracy,
+    interval, steps, wall-clock. Reads each folder's config.json and eval.json (written by alternate.py)."""
+    from alternate import Config, experiment_defaults
+    rows = []
+    for folder in folders:
+        cfg_path, eval_path = os.path.join(folder, "config.json"), os.path.join(folder, "eval.json")
+        if not (os.path.exists(cfg_path) and os.path.exists(eval_path)):
+            log(f"(skipped {folder}: no config.json or eval.json)")
+            continue
+        cfg, ev = json.load(open(cfg_path)), json.load(open(eval_path))
+        base = {**vars(Config()), **experiment_defaults(Config(exp=cfg.get("exp", 5)))}
+        skip = {"out", "resume", "device", "exp"}
+        diff = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in skip and k in base and base[k] != v)
+        rows.append(f"| {os.path.basename(folder.rstrip('/'))} | {cfg.get('exp', '-')} | {diff or '-'} | "
+                    f"{ev['acc']:.3f} | [{ev['ci_low']:.3f}, {ev['ci_high']:.3f}] | {ev['n']} | "
+                    f"{ev.get('rounds', '-')} | {ev.get('wall_clock', 0) / 60:.1f} min |")
+    log("| run | exp | flags | accuracy | 95% CI | n | rounds | wall-clock |\n|---|---:|---|---:|---|---:|---:|---:|")
+    for r in rows:
+        log(r)
+
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    model: str = arg("smollm2", "the LL: smollm2, Qwen2.5-0.5B, a hub id, or a folder (a checkpoint)")
+    hl_model: str = arg("", "the HL (a folder or name): each problem gets one greedy context first")
+    data: str = arg("math500", "a JSONL path, or math500 (HuggingFaceH4/MATH-500 from the hub)")
+    limit: int = arg(0, "the first N problems only (0 = all)")
+    samples: int = arg(1, "K answers per problem (mean accuracy); K > 1 needs --temperature > 0")
+    temperature: float = arg(0.0, "LL sampling temperature (0 = greedy)")
+    max_new_tokens: int = arg(512, "LL answer budget")
+    max_context_tokens: int = arg(384, "HL context budget")
+    batch_size: int = arg(16, "problems per batch")
+    seed: int = arg(0, "sampling seed")
+    out: str = arg("eval.jsonl", "every problem, context, response, extracted answer and verdict (JSONL)")
+    device: str = arg("", "cuda / cpu (default: cuda when available)")
+
+
+def main(cfg):
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = grpo.load_model(cfg.model, device=device)
+    hl_model = grpo.load_model(cfg.hl_model, device=device)[0].eval() if cfg.hl_model else None
+    problems = grpo.load_problems(cfg.data, cfg.limit or None)
+    eos = grpo.eos_token_ids(model, tokenizer)
+    print(f"evaluating {cfg.model} on {len(problems)} problems from {cfg.data}"
+          f"{' with contexts from ' + cfg.hl_model if hl_model is not None else ''}, "
+          f"{'greedy' if cfg.temperature == 0 else f'T = {cfg.temperature}'}, {cfg.samples} answer(s) each")
+    summary = evaluate(model.eval(), tokenizer, problems, eos, hl_model, cfg.samples, cfg.temperature,
+                       cfg.max_new_tokens, cfg.max_context_tokens, cfg.batch_size, cfg.seed, cfg.out)
+    print_summary(summary)
+    with open(os.path.splitext(cfg.out)[0] + ".summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"wrote {cfg.out} and its .summary.json")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--report":
+        report(sorted(f for a in sys.argv[2:] for f in (glob.glob(a) or [a])))
+    else:
+        main(grpo.parse_config(Config))

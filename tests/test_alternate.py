@@ -1,0 +1,133 @@
+"""Tests for alternate.py and eval_math500.py: the five experiments end to end, resume, the ablation
+flags reaching what they control, evaluation on MATH-500 problems, the report."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import eval_math500
+import grpo
+from conftest import MATH500
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+TINY = ["--batch-problems", "1", "--group-size", "2", "--hl-group", "2", "--max-new-tokens", "6",
+        "--max-context-tokens", "48", "--sft-steps", "2", "--sft-batch", "2", "--eval-limit", "3", "--limit", "30",
+        "--rounds", "1", "--device", "cpu", "--micro-batch", "4"]
+
+
+def alternate(args, cwd):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "alternate.py")] + args, cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def metrics(folder):
+    return [json.loads(l) for l in open(os.path.join(folder, "metrics.jsonl"))]
+
+
+@pytest.mark.parametrize("exp", [1, 2, 3, 4, 5])
+def test_experiment_runs_end_to_end(exp, tiny_model_dir, tmp_path):
+    out = alternate(["--exp", str(exp), "--model", tiny_model_dir, "--out", "run"] + TINY, tmp_path)
+    rows = metrics(tmp_path / "run")
+    phases = {r["phase"] for r in rows}
+    assert "eval" in phases and os.path.exists(tmp_path / "run" / "eval.json")
+    assert ("ll" in phases) == (exp in (1, 3, 5))
+    assert ("hl" in phases) == (exp in (3, 5))
+    assert os.path.exists(tmp_path / "run" / "ckpt" / "ll" / "config.json")
+    assert os.path.exists(tmp_path / "run" / "hl_sft" / "config.json") == (exp in (4, 5))
+    evals = [r for r in rows if r["phase"] == "eval"]
+    if exp == 1:
+        assert evals[-1]["eval/parse_rate"] is None  # no HL, no context
+    else:
+        assert 0.0 <= evals[-1]["eval/parse_rate"] <= 1.0
+    assert f"experiment {exp}" in out
+
+
+def test_resume_continues_the_run(tiny_model_dir, tmp_path):
+    alternate(["--model", tiny_model_dir, "--out", "run"] + TINY, tmp_path)
+    out = alternate(["--resume", "run", "--rounds", "2"], tmp_path)
+    assert "resumed from" in out and "theta_0: the SFT'd HL already in" in out  # SFT is not run again
+    rows = metrics(tmp_path / "run")
+    assert sorted({r["step"] for r in rows if r["phase"] == "ll"}) == [1, 2]
+    assert json.load(open(tmp_path / "run" / "eval.json"))["rounds"] == 2
+
+
+def test_ablation_flags_reach_their_functions(tiny_model_dir, tmp_path):
+    alternate(["--model", tiny_model_dir, "--out", "abl", "--lam", "0", "--alpha", "0", "--beta-hl", "0"] + TINY,
+              tmp_path)
+    rows = metrics(tmp_path / "abl")
+    ll = [r for r in rows if r["phase"] == "ll"]
+    hl = [r for r in rows if r["phase"] == "hl"]
+    assert ll and all(r["ll/reward"] == r["ll/reward_task"] for r in ll)  # lambda = 0: no shaping
+    assert all("ll/util" in r for r in ll)                                 # (the utilisation is still measured)
+    assert hl and all(r["hl/reward"] == pytest.approx(r["hl/acc"]) for r in hl)  # alpha = 0: R_HL = R_task
+    assert all(r["hl/kl"] == 0.0 for r in hl)                              # beta_HL = 0: no KL to pi_SFT
+
+
+def test_frozen_ll_keeps_its_weights(tiny_model_dir, tmp_path):
+    alternate(["--model", tiny_model_dir, "--out", "frozen", "--frozen-ll"] + TINY, tmp_path)
+    rows = metrics(tmp_path / "frozen")
+    assert not [r for r in rows if r["phase"] == "ll"] and [r for r in rows if r["phase"] == "hl"]
+    before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    after = load_file(str(tmp_path / "frozen" / "ckpt" / "ll" / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in after)
+
+
+def test_joint_mode_does_one_combined_step(tiny_model_dir, tmp_path):
+    alternate(["--model", tiny_model_dir, "--out", "joint", "--joint", "--ll-steps", "1"] + TINY, tmp_path)
+    rows = metrics(tmp_path / "joint")
+    ll = [r for r in rows if r["phase"] == "ll"]
+    assert len(ll) == 1 and "ll/hl_loss" in ll[0] and "ll/hl_reward" in ll[0]
+    assert not [r for r in rows if r["phase"] == "hl"]
+
+
+def test_contradictory_flags_get_a_clear_message(tiny_model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "alternate.py"), "--exp", "1", "--joint",
+                           "--model", tiny_model_dir], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--hl none" in proc.stderr
+
+# -----------------------------------------------------------------------------
+# eval_math500
+
+
+def test_wilson_interval():
+    lo, hi = eval_math500.wilson_interval(0, 5)
+    assert lo == 0.0 and hi == pytest.approx(0.4345, abs=1e-4)  # not the point [0, 0] of the normal interval
+    lo, hi = eval_math500.wilson_interval(50, 100)
+    assert (lo, hi) == (pytest.approx(0.4038, abs=1e-4), pytest.approx(0.5962, abs=1e-4))
+
+
+@pytest.mark.skipif(not os.path.exists(MATH500), reason="../shared/data absent")
+def test_eval_on_math500_with_and_without_a_stub_hl(tiny_model, tokenizer, tmp_path, monkeypatch):
+    problems = grpo.load_problems(MATH500, limit=5)
+    eos = [tokenizer.eos_token_id]
+    plain = eval_math500.evaluate(tiny_model, tokenizer, problems, eos, max_new_tokens=6, batch_size=2,
+                                  out_file=str(tmp_path / "plain.jsonl"), log=lambda *_: None)
+    assert plain["n"] == 5 and plain["parse_rate"] is None and 0 <= plain["ci_low"] <= plain["acc"] <= plain["ci_high"]
+    assert set(plain["by_level"]) == {str(p["level"]) for p in problems}
+    stub = ("What is 1 + 1?", "1 + 1 = 2, so $\\boxed{2}$.")
+
+    def stub_contexts(hl_model, tok, batch, n, max_tokens, temperature, eos, seed=None):
+        return [[stub if i % 2 == 0 else None] * n for i in range(len(batch))], None, None, None
+
+    monkeypatch.setattr(eval_math500, "generate_contexts", stub_contexts)
+    with_hl = eval_math500.evaluate(tiny_model, tokenizer, problems, eos, hl_model=object(), max_new_tokens=6,
+                                    batch_size=5, out_file=str(tmp_path / "hl.jsonl"), log=lambda *_: None)
+    assert with_hl["parse_rate"] == pytest.approx(3 / 5)
+    rows = [json.loads(l) for l in open(tmp_path / "hl.jsonl")]
+    assert [r["context_parsed"] for r in rows] == [True, False, True, False, True]
+    assert rows[0]["context"].startswith("Problem: What is 1 + 1?")
+    assert {"responses", "extracted", "verdicts", "score", "unique_id"} <= set(rows[0])
+
+
+def test_report_table(tiny_model_dir, tmp_path):
+    alternate(["--exp", "1", "--model", tiny_model_dir, "--out", "r1", "--lam", "0"] + TINY, tmp_path)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval_math500.py"), "--report", str(tmp_path / "r1"),
+                           str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "| r1 | 1 |" in proc.stdout and "lam=0.0" in proc.stdout and "skipped" in proc.stdout
