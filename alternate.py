@@ -131,8 +131,8 @@ def load_hl(cfg, tok, problems, out, device):
     sft_dir = os.path.join(out, "hl_sft")
     if cfg.hl == "sft" and not cfg.hl_init and os.path.exists(os.path.join(sft_dir, "config.json")):
         print(f"theta_0: the SFT'd HL already in {sft_dir}")
-        return grpo.load_model(sft_dir, device=device)[0]
-    hl, _ = grpo.load_model(cfg.hl_init or cfg.hl_model or cfg.model, device=device)
+        return grpo.load_model(sft_dir, device=device, trainable=True)[0]
+    hl, _ = grpo.load_model(cfg.hl_init or cfg.hl_model or cfg.model, device=device, trainable=True)
     if cfg.hl == "sft" and not cfg.hl_init:
         pairs = hl_generator.build_sft_pairs(problems, hl_generator.find_holdout(cfg))
         print(f"theta_0: SFT of the HL on D_SFT ({len(pairs)} pairs)")
@@ -157,7 +157,7 @@ def main(cfg):
              if cfg.model == "smollm2" and device == "cpu" else ""))
     t_start = time.time()
     # -------------------------------------------------------------------------- models
-    ll, tok = grpo.load_model(cfg.ll_init or cfg.model, device=device)
+    ll, tok = grpo.load_model(cfg.ll_init or cfg.model, device=device, trainable=True)
     ll.eval()
     ref = grpo.frozen_copy(ll) if (cfg.beta > 0 or cfg.prior == "init") else None  # p_ref = q = frozen phi_0
     prior = context_grpo.make_prior(cfg.prior, ll, ref, cfg)

@@ -172,19 +172,28 @@ def utilization_reward(logp_ctx, logp_prior, mask, tau, reduce="mean"):
         return u.clamp(-tau, tau)
 
 
-def utilization_shaping(prior, tokenizer, batch, cfg):
+def utilization_shaping(prior, tokenizer, batch, contexts, cfg):
     """The shaping hook for grpo.grpo_step: lambda * U~ per rollout, with log p_phi the sampler's own
-    log-prob of y_i under (x, c_i) and log q one forward pass of the prior on (x without c, y_i)."""
+    log-prob of y_i under (x, c_i) and log q one forward pass of the prior on (x without c, y_i).
+    A rollout without a context gets no utilisation term: U is defined for a context (§4); without one
+    the log-ratio would only measure the LL's drift from q, and rewarding that is not the method."""
+    has = torch.tensor([c is not None for cs in contexts for c in cs])      # (B*G,)
+
     def shaping(prompt_ids, completions, sampler_logp):
+        if not has.any():
+            return torch.zeros(len(has)), {}
+        rows = has.nonzero().squeeze(1).tolist()
         plain = [encode(tokenizer, format_prompt(tokenizer, p["problem"])) for p in batch
                  for _ in range(cfg.group_size)]
-        lp_ctx, mask = pad_completions(sampler_logp, value=0.0)
+        lp_ctx, mask = pad_completions([sampler_logp[i] for i in rows], value=0.0)
         with torch.no_grad():
-            lp_q, _ = sequence_logprobs(prior, plain, completions, cfg.temperature)
+            lp_q, _ = sequence_logprobs(prior, [plain[i] for i in rows], [completions[i] for i in rows],
+                                        cfg.temperature)
         u = utilization_reward(lp_ctx, lp_q.cpu(), mask, cfg.tau, cfg.util_reduce)
+        bonus = torch.zeros(len(has)).index_copy(0, torch.tensor(rows), cfg.lam * u)
         stats = {"util": u.mean().item(), "util_std": u.std(unbiased=False).item(),
                  "util_clip": (u.abs() >= cfg.tau).float().mean().item()}
-        return cfg.lam * u, stats
+        return bonus, stats
     return shaping
 
 
@@ -192,7 +201,7 @@ def ll_step(model, ref_model, prior, optimizer, tokenizer, batch, contexts, cfg,
     """One LL update of HICRL (§3.2 + §4): rollouts with contexts, r = R_task + lambda * U~, GRPO.
     With lambda = 0 the rewards, advantages and loss are exactly grpo.grpo_step's on the same rollouts."""
     contexts, dropped = fit_contexts(tokenizer, batch, contexts, cfg.max_prompt_tokens)
-    shaping = utilization_shaping(prior, tokenizer, batch, cfg)
+    shaping = utilization_shaping(prior, tokenizer, batch, contexts, cfg)
     record, roll = grpo.grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, contexts, shaping)
     given = [c for cs in contexts for c in cs if c is not None]
     has = torch.tensor([c is not None for cs in contexts for c in cs])

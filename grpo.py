@@ -93,11 +93,14 @@ def resolve_model(name):
     return name
 
 
-def load_model(name=None, dtype=None, device=None):
-    """(model, tokenizer). bf16 on a GPU, fp32 on a CPU, unless dtype is given."""
+def load_model(name=None, dtype=None, device=None, trainable=False):
+    """(model, tokenizer). bf16 on a GPU, fp32 on a CPU, unless dtype is given. A model that will be
+    trained (trainable=True) keeps fp32 weights everywhere: AdamW on bf16 weights rounds away every
+    update smaller than ~1/256 of a weight (lr 1e-5 on a weight of 0.02 never lands); on a GPU its forward
+    passes still run in bf16, under autocast (see _autocast)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") and not trainable else torch.float32)
     path = resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -125,10 +128,16 @@ def eos_token_ids(model, tokenizer):
 
 
 def frozen_copy(model):
-    """A frozen copy (p_ref, q, pi_SFT): eval mode, no gradients."""
+    """A frozen copy (p_ref, q, pi_SFT): eval mode, no gradients, bf16 on a GPU (it is never updated)."""
     ref = copy.deepcopy(model).eval()
     ref.requires_grad_(False)
-    return ref
+    return ref.to(torch.bfloat16) if model.device.type == "cuda" else ref
+
+
+def _autocast(model):
+    """bf16 autocast for the forward passes of an fp32 model (or weight) on a GPU; a no-op on a CPU."""
+    on = model.device.type == "cuda" and model.dtype == torch.float32
+    return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=on)
 
 # -----------------------------------------------------------------------------
 # data
@@ -277,8 +286,9 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, eos_
     # 1. prefill the U distinct prompts, keep only the last position's logits
     ids, mask, pos = _left_pad(list(unique), 0, device)                       # (U, L)
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]           # (U, V)
+    with _autocast(model):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]       # (U, V)
     src = torch.tensor(src, device=device)
     cache.batch_select_indices(src)                                           # (U, ...) -> (N, ...): shared prefill
     logits, mask, next_pos = logits[src], mask[src], pos[src, -1] + 1
@@ -312,8 +322,9 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, eos_
             cache.batch_select_indices(idx)
             live, tok, mask, next_pos = live[idx], tok[idx], mask[idx], next_pos[idx]
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)       # (n, L + step + 1)
-        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]  # (n, V)
+        with _autocast(model):
+            logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                           past_key_values=cache, use_cache=True).logits[:, -1]  # (n, V)
         next_pos = next_pos + 1
     lengths = lengths.tolist()
     tokens, logps = out_tokens.tolist(), out_logp.cpu()
@@ -336,7 +347,8 @@ def pad_completions(seqs, device=None, value=0):
 
 
 def _chunk_logprobs(head, h, targets, temperature):
-    logits = head(h).float() / temperature                                   # (M, V), one chunk only
+    with _autocast(head.weight):  # the projection in bf16 on a GPU; the log-softmax always in fp32
+        logits = head(h).float() / temperature                               # (M, V), one chunk only
     return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)   # (M,)
 
 
@@ -354,8 +366,9 @@ def sequence_logprobs(model, prompt_ids, completion_ids, temperature=1.0, chunk_
     full_ids = torch.cat([ids, targets], 1)                                               # (N, P+T)
     full_mask = torch.cat([mask, cmask.long()], 1)
     pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.get_decoder()(input_ids=full_ids, attention_mask=full_mask,
-                                 position_ids=pos).last_hidden_state                      # (N, P+T, H)
+    with _autocast(model):
+        hidden = model.get_decoder()(input_ids=full_ids, attention_mask=full_mask,
+                                     position_ids=pos).last_hidden_state                  # (N, P+T, H)
     h = hidden[:, P - 1:-1]                                                               # (N, T, H): state before y_t
     keep = cmask.bool()
     h, tgt = h[keep], targets[keep]                                                       # (M, H), (M,)
@@ -713,7 +726,7 @@ def setup(cfg):
     """Run folder, LL model, p_ref = frozen phi_0 (when beta > 0), optimiser, resume, problems, EOS ids."""
     out = start_run(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(cfg.model, device=device)
+    model, tokenizer = load_model(cfg.model, device=device, trainable=True)
     model.eval()
     ref_model = frozen_copy(model) if cfg.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)

@@ -257,7 +257,7 @@ def find_holdout(cfg):
 def main(command, cfg):
     out = grpo.start_run(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = grpo.load_model(cfg.model, device=device)
+    model, tokenizer = grpo.load_model(cfg.model, device=device, trainable=command != "sample")
     model.eval()
     eos = grpo.eos_token_ids(model, tokenizer)
     problems = grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed)

