@@ -37,7 +37,7 @@ Deviations, numbered:
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -196,6 +196,10 @@ def main(cfg):
 
     if start == 0 and not cfg.resume:
         run_eval(-1)  # round 0: the starting point, so every later number has its baseline beside it
+    if cfg.ll_steps == 0 and hl_steps == 0:
+        print(f"nothing to train in this configuration (experiment {cfg.exp}): the evaluation above is the result")
+        grpo.save_checkpoint(out, 0, models, opts, tok)
+        return
     for t in range(start, cfg.rounds):
         # ---------------------------------------------------------------------- 1. LL phase, HL fixed
         for k in range(cfg.ll_steps):

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 import grpo
-from grpo import (arg, encode, format_context, format_prompt, generate, group_advantages, grpo_loss, k3_kl,
+from grpo import (arg, encode, format_context, format_prompt, generate, group_advantages, k3_kl,
                   masked_mean, pad_completions, parse_config, policy_update, score, sequence_logprobs)
 
 # -----------------------------------------------------------------------------

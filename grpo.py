@@ -32,7 +32,6 @@ import argparse
 import copy
 import importlib.util
 import json
-import math
 import os
 import random
 import resource
