@@ -608,7 +608,7 @@ class Config:
     loss_norm: str = field(default="seq", metadata={"help": "seq = per-sequence mean (GRPO), token = Dr. GRPO",
                                                      "choices": ["seq", "token"]})
     scale_by_std: bool = arg(False, "divide advantages by the group std (GRPO as published)")
-    format_bonus: float = arg(0.0, "extra reward for any \\boxed{} answer (for tiny-model demos)")
+    format_bonus: float = arg(0.0, "extra reward for a non-empty \\boxed{} answer (for tiny-model demos)")
     grad_clip: float = arg(1.0, "max gradient norm (0 = no clipping)")
     seed: int = arg(0, "seed for data order, sampling and init")
     sample_every: int = arg(10, "print and save one full rollout every N steps")
@@ -643,9 +643,10 @@ def zero_variance_fraction(rewards, group_size):
 
 
 def score(texts, golds, format_bonus=0.0):
-    """R_task per rollout, whether it boxed an answer, and the reward used: R_task + format_bonus * boxed."""
+    """R_task per rollout, whether it boxed a non-empty answer, and the reward used: R_task + format_bonus *
+    boxed. (An empty \\boxed{} does not count: a bonus for it is learnt as writing empty boxes.)"""
     acc = torch.tensor([task_reward(t, g) for t, g in zip(texts, golds)])
-    boxed = torch.tensor([float(extract_boxed(t) is not None) for t in texts])
+    boxed = torch.tensor([float(bool((extract_boxed(t) or "").strip())) for t in texts])
     return acc + format_bonus * boxed, acc, boxed
 
 

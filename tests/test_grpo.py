@@ -270,3 +270,10 @@ def test_greedy_equals_model_generate_on_smollm2(smollm2_folder):
     eos = grpo.eos_token_ids(model, tokenizer)
     ours, _ = grpo.generate(model, p, 32, temperature=0, eos_token_ids=eos)
     assert ours == hf_greedy(model, p, 32, eos, tokenizer.pad_token_id)
+
+
+def test_format_bonus_needs_a_non_empty_box():
+    texts = ["so \\boxed{5}", "so \\boxed{}", "so \\boxed{ }", "no box", "\\boxed{4}"]
+    rewards, acc, boxed = grpo.score(texts, ["5"] * 5, format_bonus=0.5)
+    assert boxed.tolist() == [1, 0, 0, 0, 1]
+    assert rewards.tolist() == [1.5, 0.0, 0.0, 0.0, 0.5]
