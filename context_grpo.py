@@ -311,7 +311,7 @@ def icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, step, e
     t_train = time.time() - t1
     n_tok = sum(len(c) for c in completions)
     record = {"step": step + 1, "reward": rewards.mean().item(), "acc": acc.mean().item(), "boxed": boxed.mean().item(),
-              "acc_on": acc_all[on].mean().item(), "acc_ief": acc_all[off].mean().item() if n_off else 0.0,
+              "acc_on": acc_all[on].mean().item(), "acc_ief": acc_all[off].mean().item() if n_off else float("nan"),
               "accepted": accepted, "rejected": rejected, "bonus": bonus,
               **grpo.rollout_stats(completions, eos, cfg.max_new_tokens),
               "zero_var": grpo.zero_variance_fraction(rewards, G), **stats,
