@@ -9,7 +9,7 @@ eval_math500.py: MATH-500 accuracy of an LL, with or without an HL's context (ex
 Greedy by default; --samples K scores K sampled answers per problem (mean accuracy). With --hl-model each
 problem first gets one greedy context from the HL; an HL output that does not parse means no context
 (hl_generator rule 1) and is counted in the parse rate. Prints the accuracy with a 95% interval, per level
-and per subject, and writes every problem, context, response, extracted answer and verdict to --out.
+and per subject, and writes every problem, HL output, context, response, extracted answer and verdict to --out.
 
 The interval: with one answer per problem, the Wilson score interval of the binomial (it stays honest at
 0 and 1, where the plain normal interval collapses to a point); with K > 1 answers, a normal interval over
@@ -62,20 +62,21 @@ def evaluate(ll_model, tokenizer, problems, eos, hl_model=None, samples=1, tempe
     records, t0 = [], time.time()
     for start in range(0, len(problems), batch_size):
         batch = problems[start:start + batch_size]
-        contexts = [None] * len(batch)
+        contexts, hl_texts = [None] * len(batch), [None] * len(batch)
         if hl_model is not None:
-            ctx, _, _, _ = generate_contexts(hl_model, tokenizer, batch, 1, max_context_tokens, 0.0, eos)
-            contexts = [c[0] for c in ctx]
+            ctx, _, hl_out, _ = generate_contexts(hl_model, tokenizer, batch, 1, max_context_tokens, 0.0, eos)
+            contexts, hl_texts = [c[0] for c in ctx], tokenizer.batch_decode(hl_out, skip_special_tokens=True)
         prompts = [encode(tokenizer, format_prompt(tokenizer, p["problem"], c)) for p, c in zip(batch, contexts)]
         rows = [p for p in prompts for _ in range(samples)]
         answers, _ = generate(ll_model, rows, max_new_tokens, temperature, 1.0, eos, seed=seed + start)
         texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-        for i, (p, c) in enumerate(zip(batch, contexts)):
+        for i, (p, c, hl_text) in enumerate(zip(batch, contexts, hl_texts)):
             responses = texts[i * samples:(i + 1) * samples]
             verdicts = [reward(r, p["answer"]) for r in responses]
             records.append({"unique_id": p.get("unique_id"), "level": p.get("level"), "subject": p.get("subject"),
                             "problem": p["problem"], "answer": p["answer"],
-                            "context": format_context(c) if c else None, "context_parsed": c is not None,
+                            "hl_output": hl_text, "context": format_context(c) if c else None,
+                            "context_parsed": c is not None,
                             "responses": responses, "extracted": [extract_boxed(r) for r in responses],
                             "verdicts": verdicts, "score": sum(verdicts) / samples})
         done = len(records)

@@ -115,7 +115,8 @@ def test_eval_on_math500_with_and_without_a_stub_hl(tiny_model, tokenizer, tmp_p
     stub = ("What is 1 + 1?", "1 + 1 = 2, so $\\boxed{2}$.")
 
     def stub_contexts(hl_model, tok, batch, n, max_tokens, temperature, eos, seed=None):
-        return [[stub if i % 2 == 0 else None] * n for i in range(len(batch))], None, None, None
+        outputs = [tok.encode("Problem: What is 1 + 1?") if i % 2 == 0 else tok.encode("oops") for i in range(len(batch))]
+        return [[stub if i % 2 == 0 else None] * n for i in range(len(batch))], None, outputs, None
 
     monkeypatch.setattr(eval_math500, "generate_contexts", stub_contexts)
     with_hl = eval_math500.evaluate(tiny_model, tokenizer, problems, eos, hl_model=object(), max_new_tokens=6,
@@ -123,7 +124,7 @@ def test_eval_on_math500_with_and_without_a_stub_hl(tiny_model, tokenizer, tmp_p
     assert with_hl["parse_rate"] == pytest.approx(3 / 5)
     rows = [json.loads(l) for l in open(tmp_path / "hl.jsonl")]
     assert [r["context_parsed"] for r in rows] == [True, False, True, False, True]
-    assert rows[0]["context"].startswith("Problem: What is 1 + 1?")
+    assert rows[0]["context"].startswith("Problem: What is 1 + 1?") and rows[1]["hl_output"] == "oops"
     assert {"responses", "extracted", "verdicts", "score", "unique_id"} <= set(rows[0])
 
 
