@@ -231,10 +231,15 @@ def format_prompt(tokenizer, problem, context=None):
         body += ("Here is a worked example of a related problem.\n\n### Example\n" + format_context(context)
                  + "\n\n### Problem\n")
     body += problem.strip()
+    return as_chat(tokenizer, body, "\n\nSolution:")
+
+
+def as_chat(tokenizer, body, plain_suffix):
+    """One user turn through the tokenizer's chat template, or plain text + plain_suffix without one."""
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
                                              add_generation_prompt=True)
-    return body + "\n\nSolution:"
+    return body + plain_suffix
 
 
 def encode(tokenizer, text):

@@ -49,11 +49,7 @@ HL_INSTRUCTION = ("Write ONE worked example that would help a student solve the 
 
 def hl_prompt(tokenizer, problem):
     """The HL's prompt for x (the chat template where the tokenizer has one)."""
-    body = HL_INSTRUCTION + "\n\nThe problem:\n" + problem.strip()
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
-                                             add_generation_prompt=True)
-    return body + "\n\n"
+    return grpo.as_chat(tokenizer, HL_INSTRUCTION + "\n\nThe problem:\n" + problem.strip(), "\n\n")
 
 
 _PROBLEM = re.compile(r"problem\s*\**\s*:", re.IGNORECASE)
