@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 import grpo
-from grpo import (arg, encode, format_context, format_prompt, generate, group_advantages, k3_kl,
-                  masked_mean, pad_completions, parse_config, policy_update, score, sequence_logprobs)
+from grpo import (arg, clipped_surrogate, encode, format_context, format_prompt, generate, group_advantages,
+                  kl_penalty, pad_completions, parse_config, policy_update, score, sequence_logprobs)
 
 # -----------------------------------------------------------------------------
 # context sources: retrieved neighbours (TF-IDF, numpy only), random examples, none
@@ -252,22 +252,15 @@ def icpo_loss(logp, old_logp, ref_logp, advantages, mask, is_off, clip_eps, beta
     """ICPO's mixed loss, per token: on-policy rows the clipped surrogate (grpo_loss); IEF rows the unclipped
     shaping term -A * f(p), f(p) = p / (p + gamma), p = exp(logp) (gradient -A * gamma p / (p+gamma)^2 * grad log p);
     plus beta * k3 KL on every row. is_off: (N,) bool."""
-    A = advantages[:, None]                                                  # (N, 1)
-    ratio = (logp - old_logp).exp()
-    clipped = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
+    clipped, ratio = clipped_surrogate(logp, old_logp, advantages, clip_eps)
     p = logp.exp()
-    shaped = -A * p / (p + gamma)
+    shaped = -advantages[:, None] * p / (p + gamma)
     per_token = torch.where(is_off[:, None], shaped, clipped)                # (N, T)
-    kl = torch.zeros_like(logp) if ref_logp is None else k3_kl(logp, ref_logp)
-    if beta and ref_logp is not None:
-        per_token = per_token + beta * kl
-    loss = masked_mean(per_token, mask, norm, max_len)
+    loss, kl = kl_penalty(per_token, logp, ref_logp, mask, beta, norm, max_len)
     with torch.no_grad():
-        n = mask.sum().clamp(min=1)
         on = (~is_off)[:, None] * mask
-        stats = {"kl": ((kl * mask).sum() / n).item(),
-                 "clip_frac": ((((ratio - 1).abs() > clip_eps).float() * on).sum() / on.sum().clamp(min=1)).item(),
-                 "pg_loss": loss.item()}
+        stats = {"kl": kl, "pg_loss": loss.item(),
+                 "clip_frac": ((((ratio - 1).abs() > clip_eps).float() * on).sum() / on.sum().clamp(min=1)).item()}
     return loss, stats
 
 

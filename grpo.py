@@ -417,22 +417,32 @@ def masked_mean(x, mask, norm="seq", max_len=None):
     return (x * mask).sum() / (mask.shape[0] * (max_len or mask.shape[1]))
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0, norm="seq", max_len=None):
-    """Clipped GRPO surrogate plus beta * k3 KL, per token, normalised by masked_mean.
-        rho = exp(logp - old_logp);  pg = -min(rho*A, clip(rho, 1-eps, 1+eps)*A);  loss = pg + beta*k3
-    logp, old_logp, ref_logp, mask: (N, T); advantages: (N,). Returns (loss, stats)."""
+def clipped_surrogate(logp, old_logp, advantages, clip_eps):
+    """Per token: -min(rho * A, clip(rho, 1-eps, 1+eps) * A), rho = exp(logp - old_logp). Returns (loss, rho)."""
     A = advantages[:, None]                                                  # (N, 1)
     ratio = (logp - old_logp).exp()                                          # (N, T)
-    pg = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
-    per_token = pg
+    return -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A), ratio
+
+
+def kl_penalty(per_token, logp, ref_logp, mask, beta, norm, max_len):
+    """per_token + beta * k3(logp, ref_logp) (no term without a reference or at beta = 0), then masked_mean.
+    Returns (loss, mean k3 over the completion tokens)."""
     kl = torch.zeros_like(logp) if ref_logp is None else k3_kl(logp, ref_logp)
     if beta and ref_logp is not None:
-        per_token = pg + beta * kl
-    loss = masked_mean(per_token, mask, norm, max_len)
+        per_token = per_token + beta * kl
     with torch.no_grad():
-        n = mask.sum().clamp(min=1)
+        kl_mean = ((kl * mask).sum() / mask.sum().clamp(min=1)).item()
+    return masked_mean(per_token, mask, norm, max_len), kl_mean
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0, norm="seq", max_len=None):
+    """The GRPO loss: clipped surrogate plus beta * k3 KL, per token, normalised by masked_mean.
+    logp, old_logp, ref_logp, mask: (N, T); advantages: (N,). Returns (loss, stats)."""
+    pg, ratio = clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    loss, kl = kl_penalty(pg, logp, ref_logp, mask, beta, norm, max_len)
+    with torch.no_grad():
         clipped = ((ratio - 1).abs() > clip_eps).float()
-        stats = {"kl": ((kl * mask).sum() / n).item(), "clip_frac": ((clipped * mask).sum() / n).item(),
+        stats = {"kl": kl, "clip_frac": ((clipped * mask).sum() / mask.sum().clamp(min=1)).item(),
                  "pg_loss": masked_mean(pg, mask, norm, max_len).item()}
     return loss, stats
 
