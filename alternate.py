@@ -58,6 +58,7 @@ EXPERIMENTS = {  # the table above: the defaults that --exp sets
 
 @dataclass
 class Config(hl_generator.Config, context_grpo.Config):
+    HIDDEN = ("steps", "context", "ll_model", "n_show", "sample_every", "save_every")  # set by --exp / unused here
     exp: int = field(default=5, metadata={"help": "experiment 1-5 (the table in this file's docstring)",
                                           "choices": [1, 2, 3, 4, 5]})
     hl: str = field(default="", metadata={"help": "HL: none, pretrained, sft ('' = from --exp)",

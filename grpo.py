@@ -501,6 +501,8 @@ def parse_config(cls, argv=None):
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(cls):
+        if f.name in getattr(cls, "HIDDEN", ()):
+            continue  # inherited fields this script sets itself or does not use: no flag
         kw = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
         if isinstance(f.default, bool):
             kw["action"] = argparse.BooleanOptionalAction
