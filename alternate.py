@@ -120,7 +120,7 @@ def joint_step(ll, ref, prior, hl, sft_model, ll_opt, hl_opt, tok, batch, cfg, i
         hl, tok, batch, cfg.group_size, cfg.max_context_tokens, cfg.hl_temperature or 1.0, eos, seed=cfg.seed + idx)
     record, roll = context_grpo.ll_step(ll, ref, prior, ll_opt, tok, batch, ctx, cfg, idx, eos)
     logp, mask = grpo.pad_completions(roll["sampler_logp"], value=0.0)
-    r_hl = hl_generator.hl_reward(roll["acc"] + cfg.format_bonus * roll["boxed"], logp, mask, cfg.alpha)
+    r_hl = hl_generator.hl_reward(roll["acc"] + cfg.format_bonus * roll["wrote_box"], logp, mask, cfg.alpha)
     hl_stats = hl_generator.hl_update(hl, sft_model, hl_opt, hl_prompts, hl_comps, r_hl,
                                       replace(cfg, hl_group=cfg.group_size))
     record.update({f"hl_{k}": v for k, v in hl_stats.items()}, hl_reward=r_hl.mean().item(), parse_rate=rate)

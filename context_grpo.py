@@ -278,7 +278,7 @@ def icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, step, e
     n_sampled = sum(len(c) for c in completions)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     golds = [p["answer"] for p in batch for _ in range(G)] + [p["answer"] for p in batch for _ in range(n_off)]
-    rewards_all, acc_all, boxed_all = score(texts, golds, cfg.format_bonus)
+    rewards_all, acc_all, boxed_all, _ = score(texts, golds, cfg.format_bonus)
     on, off = slice(0, B * G), slice(B * G, None)
     # 1. ERRS: correct IEF rollouts replace on-policy ones
     items = list(zip(completions, texts, rewards_all.tolist(), acc_all.tolist(), boxed_all.tolist()))

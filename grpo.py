@@ -625,7 +625,7 @@ class Config:
     loss_norm: str = field(default="seq", metadata={"help": "seq = per-sequence mean (GRPO), token = Dr. GRPO",
                                                      "choices": ["seq", "token"]})
     scale_by_std: bool = arg(False, "divide advantages by the group std (GRPO as published)")
-    format_bonus: float = arg(0.0, "extra reward for a non-empty \\boxed{} answer (for tiny-model demos)")
+    format_bonus: float = arg(0.0, "extra reward for writing a \\boxed{} at all (gameable; for tiny-model demos)")
     grad_clip: float = arg(1.0, "max gradient norm (0 = no clipping)")
     seed: int = arg(0, "seed for data order, sampling and init")
     sample_every: int = arg(10, "print and save one full rollout every N steps")
@@ -661,10 +661,14 @@ def zero_variance_fraction(rewards, group_size):
 
 def score(texts, golds, format_bonus=0.0):
     """R_task per rollout, whether it boxed a non-empty answer, and the reward used: R_task + format_bonus *
-    boxed. (An empty \\boxed{} does not count: a bonus for it is learnt as writing empty boxes.)"""
+    [wrote a \\boxed{}]. The bonus counts any box, even an empty one: a model that never boxes (SmolLM2-135M)
+    has no other first signal, and it is gameable (empty boxes), so it is off by default and only for
+    demos; the logs keep `wrote_box` (any box) apart from `boxed` (a non-empty answer) and `acc` (R_task)."""
     acc = torch.tensor([task_reward(t, g) for t, g in zip(texts, golds)])
-    boxed = torch.tensor([float(bool((extract_boxed(t) or "").strip())) for t in texts])
-    return acc + format_bonus * boxed, acc, boxed
+    boxes = [extract_boxed(t) for t in texts]
+    wrote = torch.tensor([float(b is not None) for b in boxes])
+    boxed = torch.tensor([float(bool((b or "").strip())) for b in boxes])
+    return acc + format_bonus * wrote, acc, boxed, wrote
 
 
 def grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, contexts=None, shaping=None):
@@ -683,7 +687,7 @@ def grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, con
     t_sample = time.time() - t0
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     # 2. rewards: R_task (+ format bonus) (+ shaping)
-    rewards, acc, boxed = score(texts, [p["answer"] for p in batch for _ in range(G)], cfg.format_bonus)
+    rewards, acc, boxed, wrote = score(texts, [p["answer"] for p in batch for _ in range(G)], cfg.format_bonus)
     extra = {}
     if shaping is not None:
         bonus, extra = shaping(prompt_ids, completions, sampler_logp)
@@ -697,19 +701,21 @@ def grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, con
     t_train = time.time() - t1
     n_tok = sum(len(c) for c in completions)
     record = {"step": step + 1, "reward": rewards.mean().item(), "acc": acc.mean().item(),
-              "boxed": boxed.mean().item(), **rollout_stats(completions, eos, cfg.max_new_tokens),
+              "boxed": boxed.mean().item(), "wrote_box": wrote.mean().item(),
+              **rollout_stats(completions, eos, cfg.max_new_tokens),
               "zero_var": zero_variance_fraction(rewards, G), **stats, **extra,
               "sample_tok_s": n_tok / t_sample,
               "train_tok_s": (n_tok + sum(len(p) for p in prompt_ids)) * (2 if ref_model else 1) / t_train,
               "peak_mem_gb": peak_memory_gb(), "time": time.time() - t0}
-    return record, {"texts": texts, "rewards": rewards, "acc": acc, "boxed": boxed, "prompt_ids": prompt_ids,
+    return record, {"texts": texts, "rewards": rewards, "acc": acc, "wrote_box": wrote, "prompt_ids": prompt_ids,
                     "completions": completions, "sampler_logp": sampler_logp}
 
 
 def print_record(prefix, r, total):
     """The one-line step summary."""
     extra = "".join(f" {k} {r[k]:.3f}" for k in ("util", "util_clip", "accepted", "parse_rate") if k in r)
-    print(f"{prefix} {r['step']}/{total} | reward {r['reward']:.3f} acc {r['acc']:.3f} boxed {r['boxed']:.2f}{extra} "
+    wrote = f" wrote_box {r['wrote_box']:.2f}" if "wrote_box" in r else ""
+    print(f"{prefix} {r['step']}/{total} | reward {r['reward']:.3f} acc {r['acc']:.3f} boxed {r['boxed']:.2f}{wrote}{extra} "
           f"| len {r['len']:.0f} fin {r['finished']:.2f} | zero-var {r['zero_var']:.2f} | kl {r['kl']:.4f} "
           f"clip {r['clip_frac']:.3f} | loss {r['loss']:+.4f} gnorm {r['grad_norm']:.2f} "
           f"| {r['time']:.1f}s")

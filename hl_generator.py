@@ -203,7 +203,7 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
     answers, answer_logp = generate(ll_model, ll_prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, eos,
                                     seed=cfg.seed * 1_000_003 + step + 29)
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-    r_task, acc, boxed = score(texts, [p["answer"] for p in batch for _ in range(G * M)], cfg.format_bonus)
+    r_task, acc, boxed, _ = score(texts, [p["answer"] for p in batch for _ in range(G * M)], cfg.format_bonus)
     logp, mask = grpo.pad_completions(answer_logp, value=0.0)
     # 3. R_HL per answer, averaged over each context's M answers -> (B*G,)
     r_hl = hl_reward(r_task, logp, mask, cfg.alpha).view(-1, M).mean(1)

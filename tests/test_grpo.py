@@ -272,8 +272,10 @@ def test_greedy_equals_model_generate_on_smollm2(smollm2_folder):
     assert ours == hf_greedy(model, p, 32, eos, tokenizer.pad_token_id)
 
 
-def test_format_bonus_needs_a_non_empty_box():
+def test_format_bonus_and_box_metrics():
     texts = ["so \\boxed{5}", "so \\boxed{}", "so \\boxed{ }", "no box", "\\boxed{4}"]
-    rewards, acc, boxed = grpo.score(texts, ["5"] * 5, format_bonus=0.5)
-    assert boxed.tolist() == [1, 0, 0, 0, 1]
-    assert rewards.tolist() == [1.5, 0.0, 0.0, 0.0, 0.5]
+    rewards, acc, boxed, wrote = grpo.score(texts, ["5"] * 5, format_bonus=0.5)
+    assert acc.tolist() == [1, 0, 0, 0, 0]
+    assert boxed.tolist() == [1, 0, 0, 0, 1]   # a non-empty answer in a box
+    assert wrote.tolist() == [1, 1, 1, 0, 1]   # any box: what the (gameable) bonus pays for
+    assert rewards.tolist() == [1.5, 0.5, 0.5, 0.0, 0.5]
