@@ -147,7 +147,7 @@ def main(cfg):
     cfg = replace(cfg, **experiment_defaults(cfg))
     check(cfg)
     out = grpo.start_run(cfg)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = grpo.pick_device(cfg.device)
     train_ll, use_hl = cfg.ll_steps > 0, cfg.hl != "none"
     test_ctx, train_ctx = use_hl and cfg.context_at in ("test", "train+test"), use_hl and cfg.context_at == "train+test"
     print(f"HICRL experiment {cfg.exp}: HL {cfg.hl}, LL {'GRPO' if train_ll else 'frozen'}, context {cfg.context_at}; "
@@ -176,6 +176,7 @@ def main(cfg):
         models["hl"], opts["hl"] = hl, hl_opt
     start = grpo.load_checkpoint(out, models, opts) if cfg.resume else 0
     hl_steps = 0 if cfg.joint else cfg.hl_steps
+    random_demos = context_grpo.context_source("random", problems, cfg.seed)  # ICPO without HL contexts
     steps_left, t_loop, done = (cfg.rounds - start) * (cfg.ll_steps + hl_steps), time.time(), 0
 
     def eta():
@@ -211,7 +212,7 @@ def main(cfg):
             elif cfg.icpo:
                 demos = (hl_generator.generate_contexts(hl, tok, batch, cfg.n_off, cfg.max_context_tokens,
                                                         cfg.hl_temperature or 1.0, eos, seed=cfg.seed + idx)[0]
-                         if train_ctx else context_grpo.context_source("random", problems, cfg.seed)(batch, cfg.n_off, idx))
+                         if train_ctx else random_demos(batch, cfg.n_off, idx))
                 record, roll = context_grpo.icpo_step(ll, ref, ll_opt, tok, batch, demos, cfg, idx, eos)
             else:
                 rate = None

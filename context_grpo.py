@@ -183,12 +183,11 @@ def utilization_shaping(prior, tokenizer, batch, contexts, cfg):
         if not has.any():
             return torch.zeros(len(has)), {}
         rows = has.nonzero().squeeze(1).tolist()
-        plain = [encode(tokenizer, format_prompt(tokenizer, p["problem"])) for p in batch
-                 for _ in range(cfg.group_size)]
+        plain = [encode(tokenizer, format_prompt(tokenizer, p["problem"])) for p in batch]  # x without c
         lp_ctx, mask = pad_completions([sampler_logp[i] for i in rows], value=0.0)
         with torch.no_grad():
-            lp_q, _ = sequence_logprobs(prior, [plain[i] for i in rows], [completions[i] for i in rows],
-                                        cfg.temperature)
+            lp_q, _ = sequence_logprobs(prior, [plain[i // cfg.group_size] for i in rows],
+                                        [completions[i] for i in rows], cfg.temperature)
         u = utilization_reward(lp_ctx, lp_q.cpu(), mask, cfg.tau, cfg.util_reduce)
         bonus = torch.zeros(len(has)).index_copy(0, torch.tensor(rows), cfg.lam * u)
         stats = {"util": u.mean().item(), "util_std": u.std(unbiased=False).item(),
@@ -306,7 +305,7 @@ def icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, step, e
     record = {"step": step + 1, "reward": rewards.mean().item(), "acc": acc.mean().item(), "boxed": boxed.mean().item(),
               "acc_on": acc_all[on].mean().item(), "acc_ief": acc_all[off].mean().item() if n_off else float("nan"),
               "accepted": accepted, "rejected": rejected, "bonus": bonus,
-              **grpo.rollout_stats(completions, eos, cfg.max_new_tokens),
+              **grpo.rollout_stats(completions, eos),
               "zero_var": grpo.zero_variance_fraction(rewards, G), **stats,
               "sample_tok_s": n_sampled / t_sample,
               "train_tok_s": n_tok / t_train, "peak_mem_gb": grpo.peak_memory_gb(), "time": time.time() - t0}

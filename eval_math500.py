@@ -155,7 +155,7 @@ class Config:
 
 
 def main(cfg):
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = grpo.pick_device(cfg.device)
     model, tokenizer = grpo.load_model(cfg.model, device=device)
     hl_model = grpo.load_model(cfg.hl_model, device=device)[0].eval() if cfg.hl_model else None
     problems = grpo.load_problems(cfg.data, cfg.limit or None)

@@ -81,6 +81,11 @@ def _embedded_smollm2():
     return folder
 
 
+def pick_device(name=""):
+    """The device a run uses: the one asked for, else cuda when available, else cpu."""
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_model(name):
     """`smollm2` or None -> the embedded default; a folder -> itself; `Qwen2.5-0.5B` -> `Qwen/Qwen2.5-0.5B`."""
     if name in (None, "", "smollm2"):
@@ -98,7 +103,7 @@ def load_model(name=None, dtype=None, device=None, trainable=False):
     update smaller than ~1/256 of a weight (lr 1e-5 on a weight of 0.02 never lands); on a GPU its forward
     passes still run in bf16, under autocast (see _autocast)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") and not trainable else torch.float32)
     path = resolve_model(name)
     try:
@@ -364,8 +369,8 @@ def sequence_logprobs(model, prompt_ids, completion_ids, temperature=1.0, chunk_
     logits is alive. At T = 0 (greedy) the T = 1 log-probs are returned, as in generate."""
     temperature = temperature or 1.0
     device = model.device
-    P = max(len(p) for p in prompt_ids)
     ids, mask, _ = _left_pad(prompt_ids, 0, device)                                       # (N, P)
+    P = ids.shape[1]
     targets, cmask = pad_completions(completion_ids, device)                              # (N, T)
     full_ids = torch.cat([ids, targets], 1)                                               # (N, P+T)
     full_mask = torch.cat([mask, cmask.long()], 1)
@@ -646,7 +651,7 @@ def fit_prompts(tokenizer, problems, max_prompt_tokens, context=None):
     return kept
 
 
-def rollout_stats(completions, eos_ids, max_new_tokens):
+def rollout_stats(completions, eos_ids):
     """Mean completion length and the fraction of rows that ended with an EOS."""
     lengths = [len(c) for c in completions]
     finished = [bool(c) and c[-1] in eos_ids for c in completions]
@@ -702,7 +707,7 @@ def grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, con
     n_tok = sum(len(c) for c in completions)
     record = {"step": step + 1, "reward": rewards.mean().item(), "acc": acc.mean().item(),
               "boxed": boxed.mean().item(), "wrote_box": wrote.mean().item(),
-              **rollout_stats(completions, eos, cfg.max_new_tokens),
+              **rollout_stats(completions, eos),
               "zero_var": zero_variance_fraction(rewards, G), **stats, **extra,
               "sample_tok_s": n_tok / t_sample,
               "train_tok_s": (n_tok + sum(len(p) for p in prompt_ids)) * (2 if ref_model else 1) / t_train,
@@ -748,7 +753,7 @@ def train_loop(cfg, out, step, problems, step_fn, models, optimizers, tokenizer,
 def setup(cfg):
     """Run folder, LL model, p_ref = frozen phi_0 (when beta > 0), optimiser, resume, problems, EOS ids."""
     out = start_run(cfg)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.device)
     model, tokenizer = load_model(cfg.model, device=device, trainable=True)
     model.eval()
     ref_model = frozen_copy(model) if cfg.beta > 0 else None

@@ -198,8 +198,9 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
     contexts, hl_prompts, hl_completions, parse_rate = generate_contexts(
         hl_model, tokenizer, batch, G, cfg.max_context_tokens, hl_temperature, eos, seed=cfg.seed * 1_000_003 + step + 17)
     # 2. M answers of the frozen LL per context; y ~ p_phi(. | x, c), its per-token log-probs (no gradient)
-    ll_prompts = [encode(tokenizer, format_prompt(tokenizer, p["problem"], c))
-                  for p, cs in zip(batch, contexts) for c in cs for _ in range(M)]  # (B*G*M)
+    per_context = [encode(tokenizer, format_prompt(tokenizer, p["problem"], c))
+                   for p, cs in zip(batch, contexts) for c in cs]                # (B*G)
+    ll_prompts = [ids for ids in per_context for _ in range(M)]               # (B*G*M)
     answers, answer_logp = generate(ll_model, ll_prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, eos,
                                     seed=cfg.seed * 1_000_003 + step + 29)
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
@@ -211,7 +212,7 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
     stats = hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, cfg)
     record = {"step": step + 1, "reward": r_hl.mean().item(), "acc": acc.mean().item(), "boxed": boxed.mean().item(),
               "parse_rate": parse_rate, "ctx_len": sum(len(c) for c in hl_completions) / len(hl_completions),
-              **grpo.rollout_stats(answers, eos, cfg.max_new_tokens), "zero_var": grpo.zero_variance_fraction(r_hl, G),
+              **grpo.rollout_stats(answers, eos), "zero_var": grpo.zero_variance_fraction(r_hl, G),
               **stats, "peak_mem_gb": grpo.peak_memory_gb(), "time": time.time() - t0}
     roll = {"texts": [tokenizer.decode(hl_completions[0], skip_special_tokens=True)], "rewards": r_hl,
             "context": contexts[0][0]}
@@ -252,7 +253,7 @@ def find_holdout(cfg):
 
 def main(command, cfg):
     out = grpo.start_run(cfg)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = grpo.pick_device(cfg.device)
     model, tokenizer = grpo.load_model(cfg.model, device=device, trainable=command != "sample")
     model.eval()
     eos = grpo.eos_token_ids(model, tokenizer)
