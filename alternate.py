@@ -19,7 +19,8 @@ experiments, every ablation. This is the command to run.
 | exp | HL         | LL training | context      |  flags it sets (each overridable)
 |   1 | none       | GRPO        | none         |  --hl none --context-at none
 |   2 | pretrained | frozen      | test only    |  --hl pretrained --ll-steps 0 --hl-steps 0 --context-at test
-|   3 | pretrained | GRPO        | train + test |  --hl pretrained --context-at train+test
+|   3 | pretrained | GRPO        | train + test |  --hl pretrained --context-at train+test (the HL is RL-trained
+|     |            |             |              |  from the pretrained model, --hl-steps 1; --hl-steps 0 keeps it)
 |   4 | SFT        | frozen      | test only    |  --hl sft --ll-steps 0 --hl-steps 0 --context-at test
 |   5 | SFT        | GRPO        | train + test |  --hl sft --context-at train+test
 
@@ -37,7 +38,7 @@ Deviations, numbered:
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -74,7 +75,8 @@ class Config(hl_generator.Config, context_grpo.Config):
     hl_init: str = arg("", "an SFT'd HL folder: theta_0 without running SFT")
     ll_init: str = arg("", "an exp-1 checkpoint folder: phi_0 (default: --model)")
     hl_lr: float = arg(1e-5, "HL learning rate")
-    eval_data: str = arg("arith", "held-out problems: a JSONL path (e.g. MATH-500), arith, or math500 (hub)")
+    eval_data: str = arg("arith-test", "held-out problems: a JSONL path (e.g. MATH-500), arith-test (the sums never "
+                                       "in `arith`), or math500 (hub); training problems that are also here are removed")
     eval_limit: int = arg(16, "evaluate on the first N held-out problems (0 = all)")
     eval_every: int = arg(1, "evaluate every N rounds (and after the last)")
     eval_max_new_tokens: int = arg(0, "LL budget at evaluation (0 = --max-new-tokens)")
@@ -102,6 +104,13 @@ def experiment_defaults(cfg):
     return out
 
 
+def changed_flags(cfg):
+    """The flags that differ from the defaults of cfg's experiment, as "name=value, ..." (for the report)."""
+    base = {**asdict(Config()), **experiment_defaults(Config(exp=cfg.exp))}
+    skip = {"out", "resume", "device", "exp"}
+    return ", ".join(f"{k}={v}" for k, v in asdict(cfg).items() if k not in skip and base.get(k) != v)
+
+
 def check(cfg):
     """Contradictory flags get one clear message, before any model is loaded."""
     if cfg.hl == "none" and (cfg.hl_steps > 0 or cfg.joint or cfg.context_at != "none"):
@@ -113,29 +122,37 @@ def check(cfg):
         raise SystemExit("--rounds must be at least 1")
 
 
+def hl_contexts(hl, tok, batch, n, cfg, idx, eos, purpose):
+    """n contexts per problem from the HL (never greedy: the G rollouts need their own), for the LL phase
+    (purpose "ctx") or as ICPO's demonstrations ("demo"). Returns (contexts, hl prompts, hl completions, stats)."""
+    return hl_generator.generate_contexts(hl, tok, batch, n, cfg.max_context_tokens, cfg.hl_temperature or 1.0, eos,
+                                          seed=grpo.stream_seed(cfg.seed, purpose, idx),
+                                          self_threshold=cfg.self_threshold)
+
+
 def joint_step(ll, ref, prior, hl, sft_model, ll_opt, hl_opt, tok, batch, cfg, idx, eos):
     """The --joint ablation: contexts sampled once; LL updated on its rollouts with them (§3.2, §4); HL
     updated on R_HL of the same rollouts, one answer per context (§5)."""
-    ctx, hl_prompts, hl_comps, rate = hl_generator.generate_contexts(
-        hl, tok, batch, cfg.group_size, cfg.max_context_tokens, cfg.hl_temperature or 1.0, eos, seed=cfg.seed + idx)
+    ctx, hl_prompts, hl_comps, ctx_stats = hl_contexts(hl, tok, batch, cfg.group_size, cfg, idx, eos, "ctx")
     record, roll = context_grpo.ll_step(ll, ref, prior, ll_opt, tok, batch, ctx, cfg, idx, eos)
     logp, mask = grpo.pad_completions(roll["sampler_logp"], value=0.0)
     r_hl = hl_generator.hl_reward(roll["acc"] + cfg.format_bonus * roll["wrote_box"], logp, mask, cfg.alpha)
     hl_stats = hl_generator.hl_update(hl, sft_model, hl_opt, hl_prompts, hl_comps, r_hl,
                                       replace(cfg, hl_group=cfg.group_size))
-    record.update({f"hl_{k}": v for k, v in hl_stats.items()}, hl_reward=r_hl.mean().item(), parse_rate=rate)
+    record.update({f"hl_{k}": v for k, v in hl_stats.items()}, hl_reward=r_hl.mean().item(), **ctx_stats)
     return record, roll
 
 
-def load_hl(cfg, tok, problems, out, device):
-    """theta_0: the pretrained HL, --hl-init, or SFT on D_SFT (saved to OUT/hl_sft, reused on resume)."""
+def load_hl(cfg, tok, problems, held, out, device):
+    """theta_0: the pretrained HL, --hl-init, or SFT on D_SFT (saved to OUT/hl_sft, reused on resume). D_SFT
+    never holds a held-out problem (the evaluation problems, and --holdout), neither as x nor as x'."""
     sft_dir = os.path.join(out, "hl_sft")
     if cfg.hl == "sft" and not cfg.hl_init and os.path.exists(os.path.join(sft_dir, "config.json")):
         print(f"theta_0: the SFT'd HL already in {sft_dir}")
         return grpo.load_model(sft_dir, device=device, trainable=True)[0]
     hl, _ = grpo.load_model(cfg.hl_init or cfg.hl_model or cfg.model, device=device, trainable=True)
     if cfg.hl == "sft" and not cfg.hl_init:
-        pairs = hl_generator.build_sft_pairs(problems, hl_generator.find_holdout(cfg))
+        pairs = hl_generator.build_sft_pairs(problems, held)
         print(f"theta_0: SFT of the HL on D_SFT ({len(pairs)} pairs)")
         hl_generator.sft(hl, tok, pairs, cfg, tok.eos_token_id)
         hl.save_pretrained(sft_dir)
@@ -164,13 +181,17 @@ def main(cfg):
     prior = context_grpo.make_prior(cfg.prior, ll, ref, cfg)
     ref = ref if cfg.beta > 0 else None
     ll_opt = torch.optim.AdamW(ll.parameters(), lr=cfg.lr, weight_decay=0.0)
-    problems = grpo.fit_prompts(tok, grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed), cfg.max_prompt_tokens)
-    eval_problems = grpo.load_problems(cfg.eval_data, cfg.eval_limit or None, cfg.seed + 1)
+    # eval-set hygiene: no training problem (LL or D_SFT) is an evaluation problem, whatever --eval-limit keeps
+    eval_all = grpo.load_problems(cfg.eval_data, None, cfg.seed + 1)
+    eval_problems = eval_all[:cfg.eval_limit] if cfg.eval_limit else eval_all
+    held = eval_all + (grpo.load_problems(cfg.holdout) if cfg.holdout else [])
+    problems = grpo.drop_overlap(grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed), held)
+    problems = grpo.fit_prompts(tok, problems, cfg.max_prompt_tokens)
     eos = grpo.eos_token_ids(ll, tok)
     models, opts = {"ll": ll}, {"ll": ll_opt}
     hl = sft_model = hl_opt = None
     if use_hl:
-        hl = load_hl(cfg, tok, problems, out, device)
+        hl = load_hl(cfg, tok, problems, held, out, device)
         sft_model = grpo.frozen_copy(hl)  # pi_SFT (the pretrained HL itself in experiments 2 and 3)
         hl_opt = torch.optim.AdamW(hl.parameters(), lr=cfg.hl_lr, weight_decay=0.0)
         models["hl"], opts["hl"] = hl, hl_opt
@@ -189,10 +210,10 @@ def main(cfg):
     def run_eval(t):
         s = evaluate(ll, tok, eval_problems, eos, hl if test_ctx else None, max_new_tokens=cfg.eval_max_new_tokens
                      or cfg.max_new_tokens, max_context_tokens=cfg.max_context_tokens, batch_size=16, seed=cfg.seed,
-                     out_file=os.path.join(out, f"eval_round{t + 1}.jsonl"))
+                     out_file=os.path.join(out, f"eval_round{t + 1}.jsonl"), self_threshold=cfg.self_threshold)
         print_summary(s)
-        s.update(rounds=t + 1, wall_clock=time.time() - t_start)
-        log("eval", t, {k: v for k, v in s.items() if not isinstance(v, dict)})
+        s.update(rounds=t + 1, wall_clock=time.time() - t_start, exp=cfg.exp, flags=changed_flags(cfg))
+        log("eval", t, {k: v for k, v in s.items() if not isinstance(v, (dict, str))})
         with open(os.path.join(out, "eval.json"), "w") as f:
             json.dump(s, f, indent=2)
 
@@ -209,22 +230,18 @@ def main(cfg):
             batch = [problems[i] for i in grpo.batch_indices(len(problems), cfg.batch_problems, idx, cfg.seed)]
             if cfg.joint:
                 record, roll = joint_step(ll, ref, prior, hl, sft_model, ll_opt, hl_opt, tok, batch, cfg, idx, eos)
-            elif cfg.icpo:
-                demos = (hl_generator.generate_contexts(hl, tok, batch, cfg.n_off, cfg.max_context_tokens,
-                                                        cfg.hl_temperature or 1.0, eos, seed=cfg.seed + idx)[0]
-                         if train_ctx else random_demos(batch, cfg.n_off, idx))
+            elif cfg.icpo:  # the HL's contexts as the demonstrations (random training examples without an HL)
+                demos, _, _, ctx_stats = (hl_contexts(hl, tok, batch, cfg.n_off, cfg, idx, eos, "demo") if train_ctx
+                                          else (random_demos(batch, cfg.n_off, idx), None, None, {}))
+                demos = context_grpo.fit_contexts(tok, batch, demos, cfg.max_prompt_tokens)[0]
                 record, roll = context_grpo.icpo_step(ll, ref, ll_opt, tok, batch, demos, cfg, idx, eos)
+                record.update(ctx_stats)
             else:
-                rate = None
+                contexts, ctx_stats = [[None] * cfg.group_size for _ in batch], {}
                 if train_ctx:  # each rollout its own context c_i ~ pi_theta(. | x)
-                    contexts, _, _, rate = hl_generator.generate_contexts(
-                        hl, tok, batch, cfg.group_size, cfg.max_context_tokens, cfg.hl_temperature or 1.0, eos,
-                        seed=cfg.seed + idx)
-                else:
-                    contexts = [[None] * cfg.group_size for _ in batch]
+                    contexts, _, _, ctx_stats = hl_contexts(hl, tok, batch, cfg.group_size, cfg, idx, eos, "ctx")
                 record, roll = context_grpo.ll_step(ll, ref, prior, ll_opt, tok, batch, contexts, cfg, idx, eos)
-                if rate is not None:
-                    record["parse_rate"] = rate
+                record.update(ctx_stats)
             done += 1
             log("ll", t, record)
             grpo.print_record(f"round {t + 1}/{cfg.rounds} ll step", {**record, "step": k + 1}, cfg.ll_steps)

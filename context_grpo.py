@@ -21,7 +21,8 @@ forcing" (IEF) rollouts y ~ p(. | [D; x]) with a demonstration D prepended. Then
     1. expert-region reject sampling (ERRS): an IEF rollout joins the group only if it is correct
        (R >= delta = 1); it replaces one on-policy rollout (the last ones: they are exchangeable), so the
        group keeps G rows; a wrong one is dropped; both are counted;
-    2. annealed expert bonus: an accepted IEF rollout's reward is R + beta_E * (1 - t/T);
+    2. annealed expert bonus: an accepted IEF rollout's reward is R + beta_E * (1 - t/(T-1)), t = 0..T-1
+       (beta_E at the first step, 0 at the last);
     3. advantages (r - mean) / std over the mixed group;
     4. every log-prob of an IEF rollout (current, old, reference) is taken WITHOUT D, as p(y | x): sample
        with the demonstration, train the context-free policy;
@@ -35,8 +36,6 @@ Where this differs from the paper and its public code, numbered:
        neighbour with --context retrieved; alternate.py can put an HL context in its place.
     3. Which on-policy rollout an accepted IEF one replaces is not specified; we replace the last ones.
 """
-import math
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -44,88 +43,19 @@ import numpy as np
 import torch
 
 import grpo
-from grpo import (arg, clipped_surrogate, encode, format_context, format_prompt, generate, group_advantages,
-                  kl_penalty, pad_completions, parse_config, policy_update, score, sequence_logprobs)
+from math_reward import is_equiv
+from grpo import (arg, as_example, clipped_surrogate, encode, format_context, format_prompt, generate,
+                  group_advantages, kl_penalty, masked_mean, nearest_neighbours, normalize_text, pad_completions,
+                  parse_config, policy_update, restates, score, sequence_logprobs, stream_seed)
 
 # -----------------------------------------------------------------------------
 # context sources: retrieved neighbours (TF-IDF, numpy only), random examples, none
 
 
-_WORD = re.compile(r"\\[a-z]+|[a-z]+|\d+")
-
-
-def normalize_text(text):
-    """Problem text for identity checks: lower case, single spaces."""
-    return " ".join(text.lower().split())
-
-
-def tfidf_vectors(texts, vocab=None):
-    """L2-normalised TF-IDF rows, (n, V) float32, over words, numbers and LaTeX commands of the texts.
-    tf = raw count, idf = log((1 + n) / (1 + df)) + 1. With vocab (word -> column, idf) given, reuse it."""
-    docs = [_WORD.findall(t.lower()) for t in texts]
-    if vocab is None:
-        df = {}
-        for d in docs:
-            for w in set(d):
-                df[w] = df.get(w, 0) + 1
-        words = sorted(df)
-        idf = np.array([math.log((1 + len(docs)) / (1 + df[w])) + 1 for w in words], dtype=np.float32)
-        vocab = ({w: j for j, w in enumerate(words)}, idf)
-    index, idf = vocab
-    X = np.zeros((len(docs), len(idf)), dtype=np.float32)                    # (n, V)
-    for i, d in enumerate(docs):
-        cols = [index[w] for w in d if w in index]
-        np.add.at(X[i], cols, 1.0)
-    X *= idf
-    X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-8)
-    return X, vocab
-
-
-def nearest_neighbours(queries, pool, k=1, exclude=None):
-    """For each query problem, the indices in pool of its k nearest problems by TF-IDF cosine over the
-    problem text: within the same subject when both have one, never the query itself (same unique_id or
-    same normalised text), never a pool problem for which exclude(problem) is true. -1 where none is left."""
-    out = np.full((len(queries), k), -1, dtype=np.int64)
-    groups = {}
-    for j, p in enumerate(pool):
-        if exclude is None or not exclude(p):
-            groups.setdefault(p.get("subject", ""), []).append(j)
-    by_subject = {}
-    for i, q in enumerate(queries):
-        by_subject.setdefault(q.get("subject", "") if q.get("subject", "") in groups else "", []).append(i)
-    for subject, qi in by_subject.items():
-        pj = groups.get(subject) or [j for js in groups.values() for j in js]
-        if not pj:
-            continue
-        P, vocab = tfidf_vectors([pool[j]["problem"] for j in pj])           # (n_p, V)
-        Q, _ = tfidf_vectors([queries[i]["problem"] for i in qi], vocab)     # (n_q, V)
-        same = {}                                                            # uid or text -> pool columns
-        for c, j in enumerate(pj):
-            for key in (pool[j].get("unique_id"), normalize_text(pool[j]["problem"])):
-                if key is not None:
-                    same.setdefault(key, []).append(c)
-        for s in range(0, len(qi), 1024):                                    # blocks of queries: bounded memory
-            block = qi[s:s + 1024]
-            sims = Q[s:s + 1024] @ P.T                                       # (b, n_p)
-            for r, i in enumerate(block):
-                for key in (queries[i].get("unique_id"), normalize_text(queries[i]["problem"])):
-                    sims[r, same.get(key, [])] = -np.inf                     # never the problem itself
-                top = np.argsort(-sims[r], kind="stable")[:k]
-                for m, c in enumerate(top):
-                    if np.isfinite(sims[r, c]):
-                        out[i, m] = pj[c]
-    return out
-
-
-def as_example(problem):
-    """A training problem as a worked example (x', y'): its reference solution, else its boxed answer."""
-    return problem["problem"], problem.get("solution") or f"The answer is $\\boxed{{{problem['answer']}}}$."
-
-
 def context_source(kind, problems, seed=0):
     """contexts(batch, G, step) -> per problem, G contexts. `none`: no context; `retrieved`: the nearest
     training neighbour (TF-IDF, same subject, never itself) for all G rollouts; `random`: a random other
-    training problem per rollout (seeded by the step)."""
+    training problem per rollout (seeded by the step; one that restates x is no context)."""
     if kind == "none":
         return lambda batch, G, step: [[None] * G for _ in batch]
     if kind == "retrieved":
@@ -135,11 +65,11 @@ def context_source(kind, problems, seed=0):
         return lambda batch, G, step: [[lookup.get(normalize_text(p["problem"]))] * G for p in batch]
     if kind == "random":
         def random_contexts(batch, G, step):
-            rng = np.random.default_rng([seed, step, 7])
+            rng = np.random.default_rng(stream_seed(seed, "demo", step))
             out = []
             for p in batch:
                 picks = [problems[j] for j in rng.integers(0, len(problems), size=G)]
-                out.append([as_example(q) if q["problem"] != p["problem"] else None for q in picks])
+                out.append([None if restates(q["problem"], p["problem"]) else as_example(q) for q in picks])
             return out
         return random_contexts
     raise ValueError(f"unknown context source {kind!r} (none, retrieved, random)")
@@ -208,15 +138,21 @@ def ll_step(model, ref_model, prior, optimizer, tokenizer, batch, contexts, cfg,
     record["ctx_len"] = (sum(len(encode(tokenizer, format_context(c))) for c in given) / len(given)) if given else 0.0
     record["ctx_frac"] = len(given) / (len(batch) * cfg.group_size)
     record["ctx_dropped"] = dropped
+    # leakage, measured beside the accuracy: contexts whose boxed answer is x's own answer
+    leaks = [is_equiv(grpo.extract_boxed(c[1]) or "", p["answer"]) for p, cs in zip(batch, contexts) for c in cs if c]
+    record["ctx_has_answer"] = sum(leaks) / len(leaks) if leaks else float("nan")
     roll["context"] = contexts[0][0]
     return record, roll
 
 
-def make_prior(kind, model, ref_model, cfg):
-    """q(y | x): `init` = the frozen phi_0, the same module as p_ref (one frozen copy, not two); `base` = the
+def make_prior(kind, model, phi0, cfg):
+    """q(y | x): `init` = phi0, the frozen initial LL, the same module as p_ref (one frozen copy, not two; it
+    is copied before a resumed run loads its checkpoint, so q stays phi_0, not phi_t); `base` = the
     pretrained base model (--base-model); `self` = the current LL itself (no gradient flows: a reward)."""
     if kind == "init":
-        return ref_model if ref_model is not None else grpo.frozen_copy(model)
+        if phi0 is None:
+            raise ValueError("prior init needs the frozen initial LL (phi0), copied before any checkpoint is loaded")
+        return phi0
     if kind == "base":
         base, _ = grpo.load_model(cfg.base_model or cfg.model, device=model.device)
         return grpo.frozen_copy(base)
@@ -229,28 +165,27 @@ def make_prior(kind, model, ref_model, cfg):
 
 
 def expert_bonus(beta, step, total_steps):
-    """Annealed expert bonus beta * (1 - t/T): beta at t = 0, 0 at t = T, linear."""
-    return beta * (1.0 - step / max(total_steps, 1))
+    """Annealed expert bonus beta * (1 - t/(T-1)) at step t = 0..T-1: beta at the first step, 0 at the last."""
+    return beta * (1.0 - step / max(total_steps - 1, 1))
 
 
-def errs_merge(on_rows, off_rows, off_correct, group_size, n_off):
-    """Expert-region reject sampling. on_rows: B*G items, off_rows: B*n_off items. A correct IEF rollout
-    replaces the last not-yet-replaced on-policy rollout of its group; a wrong one is dropped.
-    Returns (merged B*G rows, is_off flags, accepted count, rejected count)."""
-    merged, is_off, accepted = list(on_rows), [False] * len(on_rows), 0
-    for b in range(len(on_rows) // group_size):
-        slot = (b + 1) * group_size - 1
-        for j in range(n_off):
-            if off_correct[b * n_off + j]:
-                merged[slot], is_off[slot] = off_rows[b * n_off + j], True
-                slot, accepted = slot - 1, accepted + 1
-    return merged, is_off, accepted, len(off_rows) - accepted
+def errs_merge(off_problem, off_correct, n_problems, group_size):
+    """Expert-region reject sampling. off_problem[j]: the problem (0..B-1) of IEF rollout j; off_correct[j]:
+    whether it is correct. A correct IEF rollout replaces the last not-yet-replaced on-policy row of ITS
+    OWN problem's group (rows b*G .. b*G+G-1); a wrong one is dropped. At most G-1 rows of a group are
+    replaced: one on-policy rollout always stays. Returns (replace: {row: IEF index}, rejected count)."""
+    replace, used = {}, [0] * n_problems
+    for j, (b, ok) in enumerate(zip(off_problem, off_correct)):
+        if ok and used[b] < group_size - 1:
+            replace[(b + 1) * group_size - 1 - used[b]] = j
+            used[b] += 1
+    return replace, len(off_problem) - len(replace)
 
 
 def icpo_loss(logp, old_logp, ref_logp, advantages, mask, is_off, clip_eps, beta, gamma, norm="seq", max_len=None):
     """ICPO's mixed loss, per token: on-policy rows the clipped surrogate (grpo_loss); IEF rows the unclipped
     shaping term -A * f(p), f(p) = p / (p + gamma), p = exp(logp) (gradient -A * gamma p / (p+gamma)^2 * grad log p);
-    plus beta * k3 KL on every row. is_off: (N,) bool."""
+    plus beta * k3 KL on every row. is_off: (N,) bool. `pg_loss` logs the policy term alone."""
     clipped, ratio = clipped_surrogate(logp, old_logp, advantages, clip_eps)
     p = logp.exp()
     shaped = -advantages[:, None] * p / (p + gamma)
@@ -258,54 +193,58 @@ def icpo_loss(logp, old_logp, ref_logp, advantages, mask, is_off, clip_eps, beta
     loss, kl = kl_penalty(per_token, logp, ref_logp, mask, beta, norm, max_len)
     with torch.no_grad():
         on = (~is_off)[:, None] * mask
-        stats = {"kl": kl, "pg_loss": loss.item(),
+        stats = {"kl": kl, "pg_loss": masked_mean(per_token, mask, norm, max_len).item(),
                  "clip_frac": ((((ratio - 1).abs() > clip_eps).float() * on).sum() / on.sum().clamp(min=1)).item()}
     return loss, stats
 
 
 def icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, step, eos):
     """One ICPO step: G on-policy + n_off IEF rollouts per problem, ERRS, annealed bonus, std-scaled group
-    advantages, the mixed loss with every log-prob taken without the demonstration."""
-    G, n_off, B = cfg.group_size, cfg.n_off, len(batch)
+    advantages, the mixed loss with every log-prob taken without the demonstration. demos: per problem,
+    n_off demonstrations; a None (an HL output that did not parse, or restated x) gives no IEF rollout:
+    without a demonstration it would be an ordinary on-policy sample. Counted as `demo_missing`."""
+    G, B = cfg.group_size, len(batch)
     t0 = time.time()
     plain = [encode(tokenizer, format_prompt(tokenizer, p["problem"])) for p in batch]
-    guided = [encode(tokenizer, format_prompt(tokenizer, p["problem"], d)) for p, ds in zip(batch, demos) for d in ds]
-    rows = [plain[b] for b in range(B) for _ in range(G)] + guided            # (B*G + B*n_off) sampling prompts
+    off_problem = [b for b, ds in enumerate(demos) for d in ds if d is not None]           # IEF row -> problem
+    guided = [encode(tokenizer, format_prompt(tokenizer, batch[b]["problem"], d))
+              for b, ds in enumerate(demos) for d in ds if d is not None]
+    rows = [plain[b] for b in range(B) for _ in range(G)] + guided            # (B*G + IEF) sampling prompts
     completions, _ = generate(model, rows, cfg.max_new_tokens, cfg.temperature, cfg.top_p, eos,
-                              seed=cfg.seed * 1_000_003 + step)
+                              seed=stream_seed(cfg.seed, "ll", step))
     t_sample = time.time() - t0
     n_sampled = sum(len(c) for c in completions)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    golds = [p["answer"] for p in batch for _ in range(G)] + [p["answer"] for p in batch for _ in range(n_off)]
+    golds = [p["answer"] for p in batch for _ in range(G)] + [batch[b]["answer"] for b in off_problem]
     rewards_all, acc_all, boxed_all, _ = score(texts, golds, cfg.format_bonus)
-    on, off = slice(0, B * G), slice(B * G, None)
-    # 1. ERRS: correct IEF rollouts replace on-policy ones
-    items = list(zip(completions, texts, rewards_all.tolist(), acc_all.tolist(), boxed_all.tolist()))
-    merged, is_off, accepted, rejected = errs_merge(items[on], items[off], [a >= cfg.delta for a in acc_all[off].tolist()],
-                                                    G, n_off)
-    completions = [m[0] for m in merged]
-    texts = [m[1] for m in merged]
-    acc = torch.tensor([m[3] for m in merged])
-    boxed = torch.tensor([m[4] for m in merged])
+    # 1. ERRS: a correct IEF rollout replaces an on-policy row of its own problem's group
+    replace, rejected = errs_merge(off_problem, [a >= cfg.delta for a in acc_all[B * G:].tolist()], B, G)
+    src = list(range(B * G))                                                  # row -> index into the sampled rows
+    for row, j in replace.items():
+        src[row] = B * G + j
+    completions, texts = [completions[i] for i in src], [texts[i] for i in src]
+    acc, boxed = acc_all[src], boxed_all[src]
+    is_off = torch.tensor([i >= B * G for i in src])                          # (B*G,)
     # 2. rewards with the annealed expert bonus on accepted IEF rows
     bonus = expert_bonus(cfg.icpo_bonus, step, cfg.steps)
-    is_off_t = torch.tensor(is_off)
-    rewards = torch.tensor([m[2] for m in merged]) + bonus * is_off_t.float()
+    rewards = rewards_all[src] + bonus * is_off.float()
     # 3. advantages over the mixed group, (r - mean) / std
     adv = group_advantages(rewards, G, scale_by_std=True)
-    # 4. update: every row's log-probs WITHOUT the demonstration
+    # 4. update: every row's log-probs WITHOUT the demonstration, the ICPO loss
     train_prompts = [plain[b] for b in range(B) for _ in range(G)]
     t1 = time.time()
     loss_fn = lambda lp, old, ref, a, mask, r: icpo_loss(  # noqa: E731
-        lp, old, ref, a, mask, is_off_t[r].to(lp.device), cfg.clip_eps, cfg.beta, cfg.gamma, cfg.loss_norm,
+        lp, old, ref, a, mask, is_off[r].to(lp.device), cfg.clip_eps, cfg.beta, cfg.gamma, cfg.loss_norm,
         cfg.max_new_tokens)
     stats = policy_update(model, ref_model, optimizer, train_prompts, completions, adv, cfg, loss_fn)
     t_train = time.time() - t1
     n_tok = sum(len(c) for c in completions)
+    n_demos = sum(len(ds) for ds in demos)
     record = {"step": step + 1, "reward": rewards.mean().item(), "acc": acc.mean().item(), "boxed": boxed.mean().item(),
-              "acc_on": acc_all[on].mean().item(), "acc_ief": acc_all[off].mean().item() if n_off else float("nan"),
-              "accepted": accepted, "rejected": rejected, "bonus": bonus,
-              **grpo.rollout_stats(completions, eos),
+              "acc_on": acc_all[:B * G].mean().item(),
+              "acc_ief": acc_all[B * G:].mean().item() if off_problem else float("nan"),
+              "accepted": len(replace), "rejected": rejected, "demo_missing": n_demos - len(off_problem),
+              "bonus": bonus, **grpo.rollout_stats(completions, eos),
               "zero_var": grpo.zero_variance_fraction(rewards, G), **stats,
               "sample_tok_s": n_sampled / t_sample,
               "train_tok_s": n_tok / t_train, "peak_mem_gb": grpo.peak_memory_gb(), "time": time.time() - t0}
@@ -337,7 +276,8 @@ class Config(grpo.Config):
 
 
 def main(cfg):
-    out, model, tokenizer, ref_model, optimizer, step, problems, eos = grpo.setup(cfg)
+    out, model, tokenizer, phi0, optimizer, step, problems, eos = grpo.setup(cfg, keep_phi0=cfg.prior == "init")
+    ref_model = phi0 if cfg.beta > 0 else None
     if cfg.icpo:
         source = context_source("random" if cfg.context == "none" else cfg.context, problems, cfg.seed)
         print(f"ICPO: {len(problems)} problems, {cfg.batch_problems} x ({cfg.group_size} on-policy + {cfg.n_off} IEF "
@@ -346,7 +286,7 @@ def main(cfg):
                                              fit_contexts(tokenizer, batch, source(batch, cfg.n_off, t),
                                                           cfg.max_prompt_tokens)[0], cfg, t, eos)
     else:
-        prior = make_prior(cfg.prior, model, ref_model, cfg)
+        prior = make_prior(cfg.prior, model, phi0, cfg)
         source = context_source(cfg.context, problems, cfg.seed)
         print(f"context GRPO: {len(problems)} problems, {cfg.batch_problems} x {cfg.group_size} rollouts, context "
               f"{cfg.context}, lambda {cfg.lam}, tau' {cfg.tau}, prior {cfg.prior}, {cfg.steps} steps; the printed "

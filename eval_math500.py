@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 
 import grpo
-from grpo import arg, encode, format_context, format_prompt, generate
-from hl_generator import generate_contexts
-from math_reward import extract_boxed, reward
+from grpo import arg, encode, format_context, format_prompt, generate, stream_seed
+from hl_generator import generate_contexts, parse_context
+from math_reward import extract_boxed, is_equiv, reward
 
 
 def wilson_interval(k, n, z=1.96):
@@ -54,9 +54,11 @@ def accuracy_interval(scores, samples):
 
 @torch.no_grad()
 def evaluate(ll_model, tokenizer, problems, eos, hl_model=None, samples=1, temperature=0.0, max_new_tokens=512,
-             max_context_tokens=384, batch_size=16, seed=0, out_file=None, log=print):
+             max_context_tokens=384, batch_size=16, seed=0, out_file=None, log=print, self_threshold=0.9):
     """Score the LL on problems (contexts from hl_model, greedy, when given). Returns the summary dict;
-    writes one JSON line per problem to out_file when given."""
+    writes one JSON line per problem to out_file when given. Beside each verdict, the leakage: whether the
+    HL's output restated x (`ctx_self`: dropped, no context) and whether the context the LL saw carries
+    x's own answer in its box (`ctx_has_answer`): a right answer there may be a copy."""
     if samples > 1 and temperature == 0:
         raise SystemExit("--samples K > 1 needs --temperature > 0 (greedy answers would all be the same)")
     records, t0 = [], time.time()
@@ -64,19 +66,23 @@ def evaluate(ll_model, tokenizer, problems, eos, hl_model=None, samples=1, tempe
         batch = problems[start:start + batch_size]
         contexts, hl_texts = [None] * len(batch), [None] * len(batch)
         if hl_model is not None:
-            ctx, _, hl_out, _ = generate_contexts(hl_model, tokenizer, batch, 1, max_context_tokens, 0.0, eos)
+            ctx, _, hl_out, _ = generate_contexts(hl_model, tokenizer, batch, 1, max_context_tokens, 0.0, eos,
+                                                  self_threshold=self_threshold)
             contexts, hl_texts = [c[0] for c in ctx], tokenizer.batch_decode(hl_out, skip_special_tokens=True)
         prompts = [encode(tokenizer, format_prompt(tokenizer, p["problem"], c)) for p, c in zip(batch, contexts)]
         rows = [p for p in prompts for _ in range(samples)]
-        answers, _ = generate(ll_model, rows, max_new_tokens, temperature, 1.0, eos, seed=seed + start)
+        answers, _ = generate(ll_model, rows, max_new_tokens, temperature, 1.0, eos,
+                              seed=stream_seed(seed, "eval", start))
         texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
         for i, (p, c, hl_text) in enumerate(zip(batch, contexts, hl_texts)):
             responses = texts[i * samples:(i + 1) * samples]
             verdicts = [reward(r, p["answer"]) for r in responses]
+            restated = c is None and hl_text is not None and parse_context(hl_text) is not None
             records.append({"unique_id": p.get("unique_id"), "level": p.get("level"), "subject": p.get("subject"),
                             "problem": p["problem"], "answer": p["answer"],
                             "hl_output": hl_text, "context": format_context(c) if c else None,
-                            "context_parsed": c is not None,
+                            "context_parsed": c is not None or restated, "ctx_self": restated,
+                            "ctx_has_answer": c is not None and is_equiv(extract_boxed(c[1]) or "", p["answer"]),
                             "responses": responses, "extracted": [extract_boxed(r) for r in responses],
                             "verdicts": verdicts, "score": sum(verdicts) / samples})
         done = len(records)
@@ -93,8 +99,10 @@ def evaluate(ll_model, tokenizer, problems, eos, hl_model=None, samples=1, tempe
 def summarize(records, samples, with_hl, seconds):
     mean, low, high = accuracy_interval([r["score"] for r in records], samples)
     summary = {"acc": mean, "ci_low": low, "ci_high": high, "n": len(records), "samples": samples, "seconds": seconds,
-               "parse_rate": (sum(r["context_parsed"] for r in records) / len(records)) if with_hl else None,
                "by_level": {}, "by_subject": {}}
+    for key in ("context_parsed", "ctx_self", "ctx_has_answer"):  # HL rates (None without an HL)
+        name = "parse_rate" if key == "context_parsed" else key
+        summary[name] = sum(r[key] for r in records) / max(len(records), 1) if with_hl else None
     for key, table in (("level", "by_level"), ("subject", "by_subject")):
         groups = {}
         for r in records:
@@ -105,7 +113,8 @@ def summarize(records, samples, with_hl, seconds):
 
 def print_summary(s, log=print):
     per = f" x {s['samples']} samples" if s["samples"] > 1 else ""
-    hl = f"  | HL context parse rate {s['parse_rate']:.2f}" if s["parse_rate"] is not None else ""
+    hl = (f"  | HL contexts: parse rate {s['parse_rate']:.2f}, restated x {s['ctx_self']:.2f}, carried the answer "
+          f"{s['ctx_has_answer']:.2f}" if s["parse_rate"] is not None else "")
     log(f"accuracy {s['acc']:.3f}  95% CI [{s['ci_low']:.3f}, {s['ci_high']:.3f}]  n = {s['n']} problems{per}{hl}")
     for table in ("by_level", "by_subject"):
         log(f"  {table[3:]:8} " + "  ".join(f"{g}: {v['acc']:.2f} ({v['n']})" for g, v in s[table].items()))
@@ -115,23 +124,28 @@ def print_summary(s, log=print):
 
 
 def report(folders, log=print):
-    """One markdown table: run, experiment, flags that differ from the experiment's defaults, accuracy,
-    interval, steps, wall-clock. Reads each folder's config.json and eval.json (written by alternate.py)."""
-    from alternate import Config, experiment_defaults
+    """One markdown table: run, experiment, the flags that differ from the experiment's defaults, accuracy
+    at round 0 and at the end with its interval, the HL contexts' parse rate, how many restated x and how
+    many carried x's answer (the leakage beside the number), rounds, wall-clock. Reads what alternate.py
+    writes into each run folder: eval.json (with its `flags`) and metrics.jsonl (the round-0 evaluation)."""
     rows = []
     for folder in folders:
-        cfg_path, eval_path = os.path.join(folder, "config.json"), os.path.join(folder, "eval.json")
-        if not (os.path.exists(cfg_path) and os.path.exists(eval_path)):
-            log(f"(skipped {folder}: no config.json or eval.json)")
+        eval_path, metrics_path = os.path.join(folder, "eval.json"), os.path.join(folder, "metrics.jsonl")
+        if not os.path.exists(eval_path):
+            log(f"(skipped {folder}: no eval.json)")
             continue
-        cfg, ev = json.load(open(cfg_path)), json.load(open(eval_path))
-        base = {**vars(Config()), **experiment_defaults(Config(exp=cfg.get("exp", 5)))}
-        skip = {"out", "resume", "device", "exp"}
-        diff = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in skip and k in base and base[k] != v)
-        rows.append(f"| {os.path.basename(folder.rstrip('/'))} | {cfg.get('exp', '-')} | {diff or '-'} | "
-                    f"{ev['acc']:.3f} | [{ev['ci_low']:.3f}, {ev['ci_high']:.3f}] | {ev['n']} | "
+        ev = json.load(open(eval_path))
+        first = "-"
+        if os.path.exists(metrics_path):
+            evals = [r for r in map(json.loads, open(metrics_path)) if r.get("phase") == "eval"]
+            first = f"{evals[0]['eval/acc']:.3f}" if evals else "-"
+        rate = lambda k: "-" if ev.get(k) is None else f"{ev[k]:.2f}"  # noqa: E731
+        rows.append(f"| {os.path.basename(folder.rstrip('/'))} | {ev.get('exp', '-')} | {ev.get('flags') or '-'} | "
+                    f"{first} | {ev['acc']:.3f} [{ev['ci_low']:.3f}, {ev['ci_high']:.3f}] | {ev['n']} | "
+                    f"{rate('parse_rate')} | {rate('ctx_self')} | {rate('ctx_has_answer')} | "
                     f"{ev.get('rounds', '-')} | {ev.get('wall_clock', 0) / 60:.1f} min |")
-    log("| run | exp | flags | accuracy | 95% CI | n | rounds | wall-clock |\n|---|---:|---|---:|---|---:|---:|---:|")
+    log("| run | exp | flags | acc, round 0 | acc, final (95% CI) | n | HL parse rate | HL restated x | "
+        "context carried the answer | rounds | wall-clock |\n|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         log(r)
 
@@ -150,6 +164,7 @@ class Config:
     max_context_tokens: int = arg(384, "HL context budget")
     batch_size: int = arg(16, "problems per batch")
     seed: int = arg(0, "sampling seed")
+    self_threshold: float = arg(0.9, "leakage guard: an HL example restating x (bag-of-words cosine >= this) is dropped")
     out: str = arg("eval.jsonl", "every problem, context, response, extracted answer and verdict (JSONL)")
     device: str = arg("", "cuda / cpu (default: cuda when available)")
 
@@ -164,7 +179,8 @@ def main(cfg):
           f"{' with contexts from ' + cfg.hl_model if hl_model is not None else ''}, "
           f"{'greedy' if cfg.temperature == 0 else f'T = {cfg.temperature}'}, {cfg.samples} answer(s) each")
     summary = evaluate(model.eval(), tokenizer, problems, eos, hl_model, cfg.samples, cfg.temperature,
-                       cfg.max_new_tokens, cfg.max_context_tokens, cfg.batch_size, cfg.seed, cfg.out)
+                       cfg.max_new_tokens, cfg.max_context_tokens, cfg.batch_size, cfg.seed, cfg.out,
+                       self_threshold=cfg.self_threshold)
     print_summary(summary)
     with open(os.path.splitext(cfg.out)[0] + ".summary.json", "w") as f:
         json.dump(summary, f, indent=2)

@@ -32,12 +32,15 @@ import argparse
 import copy
 import importlib.util
 import json
+import math
 import os
 import random
+import re
 import resource
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -150,25 +153,34 @@ def _autocast(model):
 HUB_DATA = {"math500": ("HuggingFaceH4/MATH-500", "test.jsonl")}
 
 
-def arith_problems(n, seed=0):
-    """A seeded, offline task (`--data arith`): single-digit sums, easy enough for a 135M model (SmolLM2
-    already gets two-digit subtraction wrong), so that a short CPU run can show learning."""
+ARITH_HELDOUT = sorted(random.Random(12345).sample([(a, b) for a in range(1, 10) for b in range(a, 10)], 20))
+
+
+def arith_problems(n, seed=0, split="train"):
+    """A seeded, offline task: single-digit sums, easy enough for a 135M model (SmolLM2 already gets
+    two-digit subtraction wrong), so that a short CPU run can show learning. 20 of the 45 unordered
+    pairs {a, b} (ARITH_HELDOUT, fixed whatever the seed) are the test split (`arith-test`: each of their
+    sums once, a + b and b + a, in a seeded order); the training split (`arith`) draws n sums, with
+    replacement, from the other 25, so neither a + b nor b + a of a test problem is ever trained on."""
     rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        rows.append({"problem": f"What is {a} + {b}?", "answer": str(a + b), "subject": "Arithmetic",
-                     "solution": f"{a} + {b} = {a + b}, so the answer is $\\boxed{{{a + b}}}$.",
-                     "unique_id": f"arith/{seed}/{i}"})
-    return rows
+    train = [(a, b) for a in range(1, 10) for b in range(1, 10) if (min(a, b), max(a, b)) not in ARITH_HELDOUT]
+    if split == "train":
+        pairs = [rng.choice(train) for _ in range(n)]
+    else:
+        pairs = sorted({(a, b) for p in ARITH_HELDOUT for a, b in (p, p[::-1])})
+        rng.shuffle(pairs)
+        pairs = pairs[:n]
+    return [{"problem": f"What is {a} + {b}?", "answer": str(a + b), "subject": "Arithmetic",
+             "solution": f"{a} + {b} = {a + b}, so the answer is $\\boxed{{{a + b}}}$.",
+             "unique_id": f"arith/{a}+{b}"} for a, b in pairs]
 
 
 def load_problems(path_or_name, limit=None, seed=0):
     """A list of dicts with `problem` and `answer` (plus whatever else the JSONL has: subject, level,
     solution, unique_id). The answer is taken from the last box of `solution` when absent. A malformed
     line is an error that names the file and the line."""
-    if path_or_name == "arith":
-        return arith_problems(limit or 1000, seed)
+    if path_or_name in ("arith", "arith-test"):
+        return arith_problems(limit or 1000, seed, "train" if path_or_name == "arith" else "test")
     path = path_or_name
     if not os.path.exists(path) and path in HUB_DATA:
         repo, filename = HUB_DATA[path]
@@ -212,6 +224,129 @@ def batch_indices(n, batch, step, seed):
         epoch, pos = divmod(k, n)
         out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[pos]))
     return out
+
+
+_WORD = re.compile(r"\\[a-z]+|[a-z]+|\d+")                  # TF-IDF terms: LaTeX commands, words, numbers
+_SYMBOL = re.compile(r"\\[a-z]+|[a-z]+|\d+|[^\sa-z\d\\]")  # restates(): the same, and every other symbol
+_LATEX_SPACE = re.compile(r"\\[,;:! ]|\\q?quad\b|~")
+
+
+def normalize_text(text):
+    """Problem text for identity checks: lower case, no `$`, LaTeX spacing (\\, \\; \\! ~ \\quad) as a
+    space, single spaces."""
+    return " ".join(_LATEX_SPACE.sub(" ", text.lower()).replace("$", "").split())
+
+
+def restates(text, problem, threshold=0.9):
+    """Is `text` the problem itself (DESIGN §5.3: an example is never x)? Yes when the two are the same
+    after normalize_text, or have the same bag of words: the cosine of their token counts (words, numbers,
+    LaTeX commands and every other symbol, so "3 - 4" is not "3 + 4") is >= threshold. The mirror
+    "What is 4 + 3?" restates "What is 3 + 4?"; "What is 5 + 2?" (cosine 0.67) does not."""
+    a, b = normalize_text(text), normalize_text(problem)
+    if a == b:
+        return True
+    ca, cb = Counter(_SYMBOL.findall(a)), Counter(_SYMBOL.findall(b))
+    dot = sum(n * cb[w] for w, n in ca.items())
+    norm = math.sqrt(sum(n * n for n in ca.values()) * sum(n * n for n in cb.values()))
+    return norm > 0 and dot / norm >= threshold
+
+
+def tfidf_vectors(texts, vocab=None):
+    """L2-normalised TF-IDF rows, (n, V) float32, over words, numbers and LaTeX commands of the texts.
+    tf = raw count, idf = log((1 + n) / (1 + df)) + 1. With vocab (word -> column, idf) given, reuse it."""
+    docs = [_WORD.findall(t.lower()) for t in texts]
+    if vocab is None:
+        df = {}
+        for d in docs:
+            for w in set(d):
+                df[w] = df.get(w, 0) + 1
+        words = sorted(df)
+        idf = np.array([math.log((1 + len(docs)) / (1 + df[w])) + 1 for w in words], dtype=np.float32)
+        vocab = ({w: j for j, w in enumerate(words)}, idf)
+    index, idf = vocab
+    X = np.zeros((len(docs), len(idf)), dtype=np.float32)                    # (n, V)
+    for i, d in enumerate(docs):
+        cols = [index[w] for w in d if w in index]
+        np.add.at(X[i], cols, 1.0)
+    X *= idf
+    X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-8)
+    return X, vocab
+
+
+def nearest_neighbours(queries, pool, k=1, exclude=None, self_threshold=0.9):
+    """For each query problem, the indices in pool of its k nearest problems by TF-IDF cosine over the
+    problem text: within the same subject when both have one, never the query itself (same unique_id, or a
+    text that restates it: `restates` at self_threshold), never a pool problem for which exclude(problem)
+    is true. -1 where none is left."""
+    out = np.full((len(queries), k), -1, dtype=np.int64)
+    groups = {}
+    for j, p in enumerate(pool):
+        if exclude is None or not exclude(p):
+            groups.setdefault(p.get("subject", ""), []).append(j)
+    by_subject = {}
+    for i, q in enumerate(queries):
+        by_subject.setdefault(q.get("subject", "") if q.get("subject", "") in groups else "", []).append(i)
+    for subject, qi in by_subject.items():
+        pj = groups.get(subject) or [j for js in groups.values() for j in js]
+        if not pj:
+            continue
+        P, vocab = tfidf_vectors([pool[j]["problem"] for j in pj])           # (n_p, V)
+        Q, _ = tfidf_vectors([queries[i]["problem"] for i in qi], vocab)     # (n_q, V)
+        same = {}                                                            # uid or text -> pool columns
+        for c, j in enumerate(pj):
+            for key in (pool[j].get("unique_id"), normalize_text(pool[j]["problem"])):
+                if key is not None:
+                    same.setdefault(key, []).append(c)
+        for s in range(0, len(qi), 1024):                                    # blocks of queries: bounded memory
+            block = qi[s:s + 1024]
+            sims = Q[s:s + 1024] @ P.T                                       # (b, n_p)
+            for r, i in enumerate(block):
+                for key in (queries[i].get("unique_id"), normalize_text(queries[i]["problem"])):
+                    sims[r, same.get(key, [])] = -np.inf                     # never the problem itself
+                m = 0
+                for c in np.argsort(-sims[r], kind="stable"):                 # nearest first
+                    if m == k or not np.isfinite(sims[r, c]):
+                        break
+                    if not restates(pool[pj[c]]["problem"], queries[i]["problem"], self_threshold):
+                        out[i, m], m = pj[c], m + 1
+    return out
+
+
+def as_example(problem):
+    """A training problem as a worked example (x', y'): its reference solution, else its boxed answer."""
+    return problem["problem"], problem.get("solution") or f"The answer is $\\boxed{{{problem['answer']}}}$."
+
+
+def holdout_filter(holdout_problems):
+    """A predicate: is this problem one of the held-out (evaluation) problems, by unique_id or by text?"""
+    ids = {p.get("unique_id") for p in holdout_problems} - {None}
+    texts = {normalize_text(p["problem"]) for p in holdout_problems}
+    return lambda p: p.get("unique_id") in ids or normalize_text(p["problem"]) in texts
+
+
+def drop_overlap(problems, held, what="evaluation"):
+    """The training problems that are not held-out ones (by unique_id or normalised text), with a printed
+    count: no training on the problems a run is evaluated on."""
+    is_held = holdout_filter(held)
+    kept = [p for p in problems if not is_held(p)]
+    print(f"training problems: {len(problems) - len(kept)} of {len(problems)} removed as {what} problems")
+    if not kept:
+        raise SystemExit(f"every training problem is also an {what} problem: pass disjoint data "
+                         f"(for the built-in task: --data arith --eval-data arith-test)")
+    return kept
+
+
+PURPOSES = ("data", "ll", "hl", "hl_ll", "ctx", "demo", "eval")
+
+
+def stream_seed(seed, purpose, *keys):
+    """The seed of one random stream: a hash (numpy's SeedSequence) of the run's seed, what the stream is for
+    (one of PURPOSES: LL rollouts, the HL step's contexts and its LL answers, the HL contexts of the LL
+    phase, ICPO demonstrations, evaluation)
+    and where it is used (the step, ...). Two purposes never share noise; a run is reproducible from its seed."""
+    entropy = [seed, PURPOSES.index(purpose), *keys]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+
 
 # -----------------------------------------------------------------------------
 # prompts
@@ -504,7 +639,7 @@ def parse_config(cls, argv=None):
     """Flags from the dataclass fields (one per field, its help text shown by --help). With
     --resume DIR the saved DIR/config.json is the base and only the flags given explicitly override it."""
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in fields(cls):
         if f.name in getattr(cls, "HIDDEN", ()):
             continue  # inherited fields this script sets itself or does not use: no flag
@@ -688,7 +823,7 @@ def grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, con
     prompt_ids = [encode(tokenizer, format_prompt(tokenizer, p["problem"], c))
                   for p, cs in zip(batch, contexts) for c in cs]              # (B*G) rows, problem-major
     completions, sampler_logp = generate(model, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, eos,
-                                         seed=cfg.seed * 1_000_003 + step)
+                                         seed=stream_seed(cfg.seed, "ll", step))
     t_sample = time.time() - t0
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     # 2. rewards: R_task (+ format bonus) (+ shaping)
@@ -718,7 +853,8 @@ def grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, con
 
 def print_record(prefix, r, total):
     """The one-line step summary."""
-    extra = "".join(f" {k} {r[k]:.3f}" for k in ("util", "util_clip", "accepted", "parse_rate") if k in r)
+    extra = "".join(f" {k} {r[k]:.3f}" for k in ("util", "util_clip", "accepted", "demo_missing", "parse_rate",
+                                                  "ctx_self", "ctx_has_answer") if k in r)
     wrote = f" wrote_box {r['wrote_box']:.2f}" if "wrote_box" in r else ""
     print(f"{prefix} {r['step']}/{total} | reward {r['reward']:.3f} acc {r['acc']:.3f} boxed {r['boxed']:.2f}{wrote}{extra} "
           f"| len {r['len']:.0f} fin {r['finished']:.2f} | zero-var {r['zero_var']:.2f} | kl {r['kl']:.4f} "
@@ -750,13 +886,15 @@ def train_loop(cfg, out, step, problems, step_fn, models, optimizers, tokenizer,
     print(f"done: {out}/metrics.jsonl, checkpoint in {out}/ckpt/")
 
 
-def setup(cfg):
-    """Run folder, LL model, p_ref = frozen phi_0 (when beta > 0), optimiser, resume, problems, EOS ids."""
+def setup(cfg, keep_phi0=False):
+    """Run folder, LL model, phi0 = a frozen copy of the initial LL (p_ref; made when beta > 0 or keep_phi0,
+    BEFORE a checkpoint is loaded, so a resumed run keeps phi_0, not phi_t), optimiser, resume, problems,
+    EOS ids."""
     out = start_run(cfg)
     device = pick_device(cfg.device)
     model, tokenizer = load_model(cfg.model, device=device, trainable=True)
     model.eval()
-    ref_model = frozen_copy(model) if cfg.beta > 0 else None
+    ref_model = frozen_copy(model) if cfg.beta > 0 or keep_phi0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     step = load_checkpoint(out, {"policy": model}, {"policy": optimizer}) if cfg.resume else 0
     problems = fit_prompts(tokenizer, load_problems(cfg.data, cfg.limit or None, cfg.seed), cfg.max_prompt_tokens)

@@ -22,6 +22,13 @@ Rules, numbered:
        by the token budget) becomes NO context: the LL answers the bare problem. It is counted
        (`parse_rate` in every log line) and still scored, so the HL's reward for it is the LL's reward
        without help; the format itself is taught by SFT and held by the KL to pi_SFT.
+    1b. The leakage guard: an output whose problem RESTATES x (the same text after normalising case,
+       whitespace, `$` and LaTeX spacing, or the same bag of words: cosine >= --self-threshold, 0.9 by
+       default; grpo.restates) is no context either, by rule 1, and is counted apart as `ctx_self`.
+       Otherwise R_HL would pay the HL for writing the test problem with its answer, and the LL would
+       learn to copy (seen on `arith` before this guard: every right answer of experiment 5 came from a
+       context that restated x or its mirror "9 + 1" for "1 + 9"). D_SFT never pairs x with a
+       restatement of itself either (grpo.nearest_neighbours).
     2. The HL and the LL share one tokenizer (both come from the same base model).
     3. "Pretrained HL" (experiments 2 and 3) is the base model prompted with the same format, no SFT.
 """
@@ -35,8 +42,8 @@ from types import SimpleNamespace
 import torch
 
 import grpo
-from context_grpo import as_example, nearest_neighbours, normalize_text
-from grpo import arg, encode, format_context, format_prompt, generate, group_advantages, score, sequence_logprobs
+from grpo import (arg, as_example, encode, format_context, format_prompt, generate, group_advantages, holdout_filter,
+                  nearest_neighbours, restates, score, sequence_logprobs, stream_seed)
 
 # -----------------------------------------------------------------------------
 # §5.3 the HL's prompt, its output format, D_SFT
@@ -56,9 +63,10 @@ _PROBLEM = re.compile(r"problem\s*\**\s*:", re.IGNORECASE)
 _SOLUTION = re.compile(r"solution\s*\**\s*:", re.IGNORECASE)
 
 
-def parse_context(text):
+def parse_context(text, problem=None, self_threshold=0.9):
     """(problem, solution) from an HL output "Problem: ... Solution: ... \\boxed{...}", or None when it does
-    not parse: no "Problem:", no "Solution:" after it, an empty part, or no boxed final answer."""
+    not parse: no "Problem:", no "Solution:" after it, an empty part, or no boxed final answer. With
+    `problem` (x) given, also None when the example's problem restates x (rule 1b)."""
     if not text:
         return None
     p = _PROBLEM.search(text)
@@ -67,17 +75,12 @@ def parse_context(text):
     s = _SOLUTION.search(text, p.end())
     if s is None:
         return None
-    problem, solution = text[p.end():s.start()].strip(" *\n\t"), text[s.end():].strip(" *\n\t")
-    if not problem or not solution or grpo.extract_boxed(solution) is None:
+    example, solution = text[p.end():s.start()].strip(" *\n\t"), text[s.end():].strip(" *\n\t")
+    if not example or not solution or grpo.extract_boxed(solution) is None:
         return None
-    return problem, solution
-
-
-def holdout_filter(holdout_problems):
-    """A predicate: is this problem one of the held-out (MATH-500) problems, by unique_id or by text?"""
-    ids = {p.get("unique_id") for p in holdout_problems} - {None}
-    texts = {normalize_text(p["problem"]) for p in holdout_problems}
-    return lambda p: p.get("unique_id") in ids or normalize_text(p["problem"]) in texts
+    if problem is not None and restates(example, problem, self_threshold):
+        return None
+    return example, solution
 
 
 def build_sft_pairs(train_problems, holdout_problems=()):
@@ -157,15 +160,21 @@ def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
 
 
 @torch.no_grad()
-def generate_contexts(hl_model, tokenizer, problems, n, max_tokens, temperature, eos, seed=None):
+def generate_contexts(hl_model, tokenizer, problems, n, max_tokens, temperature, eos, seed=None, self_threshold=0.9):
     """n contexts per problem from pi_theta (greedy at temperature 0). Returns (contexts: per problem n
-    parsed (x', y') or None (rule 1), hl prompt ids per row, completion ids per row, parse rate)."""
+    parsed (x', y') or None (rules 1 and 1b), hl prompt ids per row, completion ids per row, stats:
+    parse_rate = the fraction of outputs in the format, ctx_self = the fraction that restated x; the LL
+    gets a context for parse_rate - ctx_self of them)."""
     prompt_ids = [encode(tokenizer, hl_prompt(tokenizer, p["problem"])) for p in problems for _ in range(n)]
     completions, _ = generate(hl_model, prompt_ids, max_tokens, temperature, 1.0, eos, seed=seed)
-    parsed = [parse_context(t) for t in tokenizer.batch_decode(completions, skip_special_tokens=True)]
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    xs = [p["problem"] for p in problems for _ in range(n)]
+    formatted = [parse_context(t) is not None for t in texts]
+    parsed = [parse_context(t, x, self_threshold) for t, x in zip(texts, xs)]
     contexts = [parsed[i * n:(i + 1) * n] for i in range(len(problems))]
-    rate = sum(c is not None for c in parsed) / max(1, len(parsed))
-    return contexts, prompt_ids, completions, rate
+    stats = {"parse_rate": sum(formatted) / max(1, len(texts)),
+             "ctx_self": sum(f and c is None for f, c in zip(formatted, parsed)) / max(1, len(texts))}
+    return contexts, prompt_ids, completions, stats
 
 
 def hl_reward(task_rewards, ll_logprobs, mask, alpha):
@@ -195,14 +204,15 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
     t0 = time.time()
     # 1. G contexts per problem from pi_theta
     hl_temperature = cfg.hl_temperature or 1.0  # the update needs distinct contexts: never greedy here
-    contexts, hl_prompts, hl_completions, parse_rate = generate_contexts(
-        hl_model, tokenizer, batch, G, cfg.max_context_tokens, hl_temperature, eos, seed=cfg.seed * 1_000_003 + step + 17)
+    contexts, hl_prompts, hl_completions, ctx_stats = generate_contexts(
+        hl_model, tokenizer, batch, G, cfg.max_context_tokens, hl_temperature, eos,
+        seed=stream_seed(cfg.seed, "hl", step), self_threshold=cfg.self_threshold)
     # 2. M answers of the frozen LL per context; y ~ p_phi(. | x, c), its per-token log-probs (no gradient)
     per_context = [encode(tokenizer, format_prompt(tokenizer, p["problem"], c))
                    for p, cs in zip(batch, contexts) for c in cs]                # (B*G)
     ll_prompts = [ids for ids in per_context for _ in range(M)]               # (B*G*M)
     answers, answer_logp = generate(ll_model, ll_prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, eos,
-                                    seed=cfg.seed * 1_000_003 + step + 29)
+                                    seed=stream_seed(cfg.seed, "hl_ll", step))
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
     r_task, acc, boxed, _ = score(texts, [p["answer"] for p in batch for _ in range(G * M)], cfg.format_bonus)
     logp, mask = grpo.pad_completions(answer_logp, value=0.0)
@@ -211,7 +221,7 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
     # 4-5. group advantages over the G contexts, the update of pi_theta with the KL to the frozen pi_SFT
     stats = hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, cfg)
     record = {"step": step + 1, "reward": r_hl.mean().item(), "acc": acc.mean().item(), "boxed": boxed.mean().item(),
-              "parse_rate": parse_rate, "ctx_len": sum(len(c) for c in hl_completions) / len(hl_completions),
+              **ctx_stats, "ctx_len": sum(len(c) for c in hl_completions) / len(hl_completions),
               **grpo.rollout_stats(answers, eos), "zero_var": grpo.zero_variance_fraction(r_hl, G),
               **stats, "peak_mem_gb": grpo.peak_memory_gb(), "time": time.time() - t0}
     roll = {"texts": [tokenizer.decode(hl_completions[0], skip_special_tokens=True)], "rewards": r_hl,
@@ -224,6 +234,7 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
 
 @dataclass
 class Config(grpo.Config):
+    HIDDEN = ("beta", "group_size", "max_prompt_tokens")  # the LL's KL weight and group: beta_hl and hl_group here
     model: str = arg("smollm2", "HL model: smollm2, Qwen2.5-0.5B, a hub id, or a folder (an SFT'd HL)")
     out: str = arg("runs/hl", "run folder (sft: the SFT'd HL is saved in OUT/hl)")
     holdout: str = arg("", "JSONL of problems never used in D_SFT (default: math500.jsonl beside --data, if any)")
@@ -238,6 +249,8 @@ class Config(grpo.Config):
     alpha: float = arg(0.1, "alpha: weight of the LL's mean token log-prob in R_HL (0 = task only)")
     beta_hl: float = arg(0.04, "beta_HL: k3 KL to the frozen pi_SFT (0 = no SFT constraint)")
     hl_temperature: float = arg(1.0, "HL sampling temperature (0 = greedy)")
+    self_threshold: float = arg(0.9, "leakage guard: an HL example whose problem has a bag-of-words cosine >= this "
+                                     "with x (or the same normalised text) is no context (rule 1b)")
     n_show: int = arg(4, "sample: contexts to print")
 
 
@@ -267,11 +280,14 @@ def main(command, cfg):
         print(f"saved the SFT'd HL to {out}/hl")
     elif command == "sample":
         batch = problems[:cfg.n_show]
-        contexts, _, completions, rate = generate_contexts(model, tokenizer, batch, 1, cfg.max_context_tokens,
-                                                           cfg.hl_temperature, eos, seed=cfg.seed)
+        contexts, _, completions, st = generate_contexts(model, tokenizer, batch, 1, cfg.max_context_tokens,
+                                                         cfg.hl_temperature, eos, seed=stream_seed(cfg.seed, "hl", 0),
+                                                         self_threshold=cfg.self_threshold)
         for p, c, text in zip(batch, contexts, tokenizer.batch_decode(completions, skip_special_tokens=True)):
-            print(f"=== x: {p['problem'][:200]}\n--- HL output ({'parsed' if c[0] else 'DOES NOT PARSE'}):\n{text}\n")
-        print(f"parse rate {rate:.2f} on {len(batch)} problems (greedy: --hl-temperature 0)")
+            verdict = "parsed" if c[0] else "DOES NOT PARSE" if parse_context(text) is None else "RESTATES x: dropped"
+            print(f"=== x: {p['problem'][:200]}\n--- HL output ({verdict}):\n{text}\n")
+        print(f"parse rate {st['parse_rate']:.2f}, restated x {st['ctx_self']:.2f}, on {len(batch)} problems "
+              f"(greedy: --hl-temperature 0)")
     elif command == "train":
         sft_model = grpo.frozen_copy(model)  # pi_SFT: the HL as it was loaded, frozen
         ll_model, _ = grpo.load_model(cfg.ll_model, device=device)

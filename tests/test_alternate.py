@@ -57,6 +57,31 @@ def test_resume_continues_the_run(tiny_model_dir, tmp_path):
     assert json.load(open(tmp_path / "run" / "eval.json"))["rounds"] == 2
 
 
+def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    alternate(["--model", tiny_model_dir, "--out", "straight", "--lr", "1e-2"] + TINY + ["--rounds", "2"], tmp_path)
+    alternate(["--model", tiny_model_dir, "--out", "split", "--lr", "1e-2"] + TINY, tmp_path)
+    alternate(["--resume", "split", "--rounds", "2"], tmp_path)
+    straight, split = metrics(tmp_path / "straight"), metrics(tmp_path / "split")
+    assert [(r["step"], r["phase"]) for r in straight] == [(r["step"], r["phase"]) for r in split]
+    for a, b in zip(straight, split):
+        for key, v in a.items():
+            if isinstance(v, float) and not key.endswith(("time", "tok_s", "mem_gb", "wall_clock", "seconds")):
+                assert b[key] == pytest.approx(v, rel=1e-5, abs=1e-7, nan_ok=True), key
+
+
+def test_training_problems_never_include_evaluation_problems(tiny_model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "alternate.py"), "--model", tiny_model_dir,
+                           "--data", "arith", "--eval-data", "arith"] + TINY, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "every training problem is also an evaluation problem" in proc.stderr
+    train = tmp_path / "train.jsonl"  # 3 MATH-500 problems slipped into a training file
+    rows = grpo.load_problems(MATH500, limit=8)
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:3] + [{"problem": "What is 1 + 1?", "answer": "2"}]))
+    out = alternate(["--exp", "1", "--model", tiny_model_dir, "--data", str(train), "--eval-data", MATH500, "--out", "h"]
+                    + TINY, tmp_path)
+    assert "3 of 4 removed as evaluation problems" in out
+
+
 def test_ablation_flags_reach_their_functions(tiny_model_dir, tmp_path):
     alternate(["--model", tiny_model_dir, "--out", "abl", "--lam", "0", "--alpha", "0", "--beta-hl", "0"] + TINY,
               tmp_path)
@@ -114,17 +139,22 @@ def test_eval_on_math500_with_and_without_a_stub_hl(tiny_model, tokenizer, tmp_p
     assert set(plain["by_level"]) == {str(p["level"]) for p in problems}
     stub = ("What is 1 + 1?", "1 + 1 = 2, so $\\boxed{2}$.")
 
-    def stub_contexts(hl_model, tok, batch, n, max_tokens, temperature, eos, seed=None):
+    def stub_contexts(hl_model, tok, batch, n, max_tokens, temperature, eos, seed=None, self_threshold=0.9):
         outputs = [tok.encode("Problem: What is 1 + 1?") if i % 2 == 0 else tok.encode("oops") for i in range(len(batch))]
-        return [[stub if i % 2 == 0 else None] * n for i in range(len(batch))], None, outputs, None
+        outputs[1] = tok.encode(f"Problem: {batch[1]['problem']}\nSolution: \\boxed{{1}}")  # restates x: dropped
+        return [[stub if i % 2 == 0 else None] * n for i in range(len(batch))], None, outputs, {}
 
     monkeypatch.setattr(eval_math500, "generate_contexts", stub_contexts)
     with_hl = eval_math500.evaluate(tiny_model, tokenizer, problems, eos, hl_model=object(), max_new_tokens=6,
                                     batch_size=5, out_file=str(tmp_path / "hl.jsonl"), log=lambda *_: None)
-    assert with_hl["parse_rate"] == pytest.approx(3 / 5)
+    assert with_hl["parse_rate"] == pytest.approx(4 / 5) and with_hl["ctx_self"] == pytest.approx(1 / 5)
     rows = [json.loads(l) for l in open(tmp_path / "hl.jsonl")]
-    assert [r["context_parsed"] for r in rows] == [True, False, True, False, True]
-    assert rows[0]["context"].startswith("Problem: What is 1 + 1?") and rows[1]["hl_output"] == "oops"
+    assert [r["context_parsed"] for r in rows] == [True, True, True, False, True]
+    assert [r["ctx_self"] for r in rows] == [False, True, False, False, False] and rows[1]["context"] is None
+    assert rows[0]["context"].startswith("Problem: What is 1 + 1?") and rows[3]["hl_output"] == "oops"
+    # the stub's context carries the answer 2: a problem whose gold answer is 2 counts as a possible copy
+    assert [r["ctx_has_answer"] for r in rows] == [r["context"] is not None and r["answer"] == "2" for r in rows]
+    assert with_hl["ctx_has_answer"] == pytest.approx(sum(r["ctx_has_answer"] for r in rows) / 5)
     assert {"responses", "extracted", "verdicts", "score", "unique_id"} <= set(rows[0])
 
 

@@ -160,18 +160,48 @@ def test_ief_training_logprobs_are_taken_without_the_demonstration(tokenizer):
 
 
 def test_errs_keeps_correct_ief_rollouts_and_the_group_size():
-    on = [f"on{i}" for i in range(8)]  # 2 groups of 4
-    off = ["offA", "offB", "offC", "offD"]  # 2 IEF rollouts per problem
-    merged, is_off, acc, rej = cg.errs_merge(on, off, [True, False, True, True], 4, 2)
-    assert len(merged) == 8 and (acc, rej) == (3, 1)
-    assert merged[:4] == ["on0", "on1", "on2", "offA"] and merged[4:] == ["on4", "on5", "offD", "offC"]
-    assert is_off == [False, False, False, True, False, False, True, True]
+    # 2 groups of 4; IEF rollouts 0, 1 of problem 0 and 2, 3 of problem 1; 0, 2, 3 correct
+    replace, rejected = cg.errs_merge([0, 0, 1, 1], [True, False, True, True], 2, 4)
+    assert replace == {3: 0, 7: 2, 6: 3} and rejected == 1
 
 
-def test_expert_bonus_anneals_linearly():
+def test_errs_replaces_only_rows_of_its_own_problem_and_keeps_one_on_policy_row():
+    # 3 correct IEF rollouts of problem 0 and none of problem 1, G = 2: problem 1's rows stay on-policy
+    replace, rejected = cg.errs_merge([0, 0, 0], [True, True, True], 2, 2)
+    assert replace == {1: 0} and rejected == 2
+    for row, j in cg.errs_merge([1, 0, 1, 1], [True] * 4, 2, 4)[0].items():
+        assert row // 4 == [1, 0, 1, 1][j]  # an IEF rollout only ever replaces a row of its own problem
+
+
+def test_expert_bonus_anneals_linearly_to_zero_at_the_last_step():
     assert cg.expert_bonus(0.5, 0, 10) == 0.5
-    assert cg.expert_bonus(0.5, 10, 10) == 0.0
-    assert cg.expert_bonus(0.5, 5, 10) == pytest.approx(0.25)
+    assert cg.expert_bonus(0.5, 9, 10) == 0.0      # steps t = 0..9: the last one gets no bonus
+    assert cg.expert_bonus(0.5, 3, 7) == pytest.approx(0.25)
+
+
+def test_icpo_without_demonstrations_has_no_ief_rows(tokenizer, monkeypatch):
+    model, ref, opt = setup(tokenizer)
+    rows = {}
+    real = cg.generate
+
+    def spy(net, prompt_ids, *a, **k):
+        rows["n"] = len(prompt_ids)
+        return real(net, prompt_ids, *a, **k)
+
+    monkeypatch.setattr(cg, "generate", spy)
+    record, _ = cg.icpo_step(model, ref, opt, tokenizer, PROBLEMS[:2], [[None], [cg.as_example(PROBLEMS[2])]],
+                             cfg(icpo=True, delta=0.0), 0, [2])
+    assert rows["n"] == 2 * 3 + 1          # no IEF rollout for the problem whose demonstration is missing
+    assert record["demo_missing"] == 1 and record["accepted"] + record["rejected"] == 1
+
+
+def test_icpo_pg_loss_is_the_policy_term():
+    torch.manual_seed(0)
+    logp, mask, A = -torch.rand(2, 3), torch.ones(2, 3), torch.tensor([0.7, -1.3])
+    ref = logp - 0.5
+    loss, stats = cg.icpo_loss(logp, logp, ref, A, mask, torch.tensor([True, False]), 0.2, beta=0.1, gamma=0.1)
+    _, no_kl = cg.icpo_loss(logp, logp, ref, A, mask, torch.tensor([True, False]), 0.2, beta=0.0, gamma=0.1)
+    assert stats["pg_loss"] == pytest.approx(no_kl["pg_loss"]) and stats["pg_loss"] != pytest.approx(loss.item())
 
 
 def test_icpo_shaping_gradient():
@@ -210,3 +240,23 @@ def test_script_two_steps(mode, tiny_model_dir, tmp_path):
     key = "accepted" if "--icpo" in mode else "util"
     assert all(key in r for r in records)
     assert os.path.exists(tmp_path / "run" / "ckpt" / "policy" / "config.json")
+
+
+def test_resume_keeps_q_the_initial_ll(tiny_model_dir, tmp_path):
+    """--beta 0 --prior init: q is phi_0 in a resumed run too (it was phi_t), so the run continues exactly."""
+    common = ["--model", tiny_model_dir, "--batch-problems", "2", "--group-size", "2", "--max-new-tokens", "6",
+              "--limit", "20", "--save-every", "2", "--device", "cpu", "--lr", "1e-2", "--beta", "0", "--lam", "1",
+              "--context", "random"]
+
+    def run(args):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "context_grpo.py")] + args, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    run(common + ["--steps", "3", "--out", "straight"])
+    run(common + ["--steps", "2", "--out", "split"])
+    run(["--resume", "split", "--steps", "3"])
+    straight, split = ([json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")] for d in ("straight", "split"))
+    assert [r["step"] for r in split] == [1, 2, 3]
+    for a, b in zip(straight, split):
+        for key in ("reward", "util", "len", "loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key

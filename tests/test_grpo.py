@@ -225,9 +225,41 @@ def test_load_problems_errors_name_file_and_line(tmp_path):
 
 def test_arith_and_batches_are_deterministic():
     assert grpo.arith_problems(5, seed=3) == grpo.arith_problems(5, seed=3)
+    assert grpo.arith_problems(5, seed=3) != grpo.arith_problems(5, seed=4)
     a = [grpo.batch_indices(10, 4, s, 0) for s in range(5)]
     assert a == [grpo.batch_indices(10, 4, s, 0) for s in range(5)]
     assert sorted(a[0] + a[1] + grpo.batch_indices(10, 4, 2, 0)[:2]) == list(range(10))  # an epoch is a permutation
+
+
+def test_arith_test_split_is_disjoint_from_training_and_correct():
+    from math_reward import reward
+    train, test = grpo.load_problems("arith", seed=0), grpo.load_problems("arith-test", seed=1)
+    pairs = lambda rows: {tuple(sorted(map(int, p["problem"][8:-1].split(" + ")))) for p in rows}  # noqa: E731
+    assert not pairs(train) & pairs(test)              # neither a + b nor b + a of a test sum is ever trained on
+    assert len(test) == len({p["problem"] for p in test}) >= 30  # each test sum once
+    for p in train[:50] + test:
+        a, b = map(int, p["problem"][8:-1].split(" + "))
+        assert p["answer"] == str(a + b) and reward(p["solution"], p["answer"]) == 1.0
+    assert grpo.drop_overlap(train, test) == train
+    with pytest.raises(SystemExit, match="every training problem"):
+        grpo.drop_overlap(test, test)
+
+
+def test_drop_overlap_by_id_and_by_text(capsys):
+    train = [{"problem": "What is $2+2$?", "unique_id": "a"}, {"problem": "what is 2+2?", "unique_id": "b"},
+             {"problem": "What is 3+3?", "unique_id": "c"}, {"problem": "Other", "unique_id": "e1"}]
+    held = [{"problem": "What is 2+2?", "unique_id": "e1"}]
+    assert [p["unique_id"] for p in grpo.drop_overlap(train, held)] == ["c"]
+    assert "3 of 4 removed" in capsys.readouterr().out
+
+
+def test_random_streams_differ_by_purpose_and_reproduce(tiny_model, tokenizer):
+    seeds = {(p, s): grpo.stream_seed(0, p, s) for p in grpo.PURPOSES for s in range(3)}
+    assert len(set(seeds.values())) == len(seeds)                    # no two (purpose, step) share a stream
+    assert grpo.stream_seed(0, "ll", 2) == seeds[("ll", 2)] != grpo.stream_seed(1, "ll", 2)
+    p = prompts(tokenizer)[:1] * 4
+    draw = lambda purpose: grpo.generate(tiny_model, p, 8, 1.0, seed=grpo.stream_seed(0, purpose, 0))[0]  # noqa: E731
+    assert draw("ll") == draw("ll") and draw("ll") != draw("hl")      # the old seed + idx vs seed * K + idx collided
 
 
 def test_format_prompt_places_context_before_problem(tokenizer):

@@ -50,6 +50,38 @@ def test_parse_hostile_is_bounded():
         assert time.perf_counter() - start < 2.0
 
 
+# -----------------------------------------------------------------------------
+# the leakage guard (rule 1b)
+
+
+@pytest.mark.parametrize("example, x, same", [
+    ("What is 3 + 4?", "What is 3 + 4?", True),
+    ("what is  3+4 ?", "What is 3 + 4?", True),                     # case, spacing
+    ("Compute $\\frac{1}{2}\\,+\\;3$.", "compute \\frac{1}{2} + 3.", True),  # $ and LaTeX spacing
+    ("What is 4 + 3?", "What is 3 + 4?", True),                     # the mirror: the same bag of words
+    ("What is 5 + 2?", "What is 3 + 4?", False),                    # another sum with the same answer
+    ("What is 3 - 4?", "What is 3 + 4?", False),                    # another operator
+    ("Find the area of a triangle with base 4 and height 6.", "A triangle has base 10 and height 3. What is its area?",
+     False),
+])
+def test_restates(example, x, same):
+    assert grpo.restates(example, x) is same
+    text = f"Problem: {example}\nSolution: so $\\boxed{{7}}$."
+    assert (hl.parse_context(text, x) is None) is same           # a restatement is no context
+    assert hl.parse_context(text) is not None                    # ... but it is in the format
+
+
+def test_generate_contexts_counts_restated_apart_from_unparsed(tokenizer, monkeypatch):
+    outputs = ["Problem: What is 4 + 3?\nSolution: $\\boxed{7}$",     # restates x (its mirror)
+               "Problem: What is 5 + 2?\nSolution: $\\boxed{7}$",     # a context
+               "no format at all", "Problem: What is 1 + 1?\nSolution: $\\boxed{2}$"]
+    monkeypatch.setattr(hl, "generate", lambda *a, **k: ([tokenizer.encode(o) for o in outputs], None))
+    problems = [{"problem": "What is 3 + 4?", "answer": "7"}, {"problem": "What is 9 + 9?", "answer": "18"}]
+    contexts, _, _, stats = hl.generate_contexts(None, tokenizer, problems, 2, 8, 1.0, [2])
+    assert contexts == [[None, ("What is 5 + 2?", "$\\boxed{7}$")], [None, ("What is 1 + 1?", "$\\boxed{2}$")]]
+    assert stats == {"parse_rate": 0.75, "ctx_self": 0.25}
+
+
 def test_format_round_trip():
     example = ("What is $3 \\cdot 4$?", "We multiply: $3 \\cdot 4 = \\boxed{12}$.")
     assert hl.parse_context(grpo.format_context(example)) == example  # what SFT teaches is what parses
@@ -66,14 +98,14 @@ def test_sft_pairs_on_the_real_files():
     pairs = hl.build_sft_pairs(train + test[:50], test)  # MATH-500 problems slipped into train must not appear
     elapsed = time.perf_counter() - start
     held_ids = {p["unique_id"] for p in test}
-    held_text = {hl.normalize_text(p["problem"]) for p in test}
-    by_text = {hl.normalize_text(p["problem"]): p for p in train}
+    held_text = {grpo.normalize_text(p["problem"]) for p in test}
+    by_text = {grpo.normalize_text(p["problem"]): p for p in train}
     assert len(pairs) == len(train)
     for x, (xp, yp) in pairs:
         assert x["unique_id"] not in held_ids
-        assert hl.normalize_text(xp) not in held_text
-        assert hl.normalize_text(xp) != hl.normalize_text(x["problem"])  # never x itself
-        assert by_text[hl.normalize_text(xp)]["subject"] == x["subject"]  # same subject
+        assert grpo.normalize_text(xp) not in held_text
+        assert grpo.normalize_text(xp) != grpo.normalize_text(x["problem"])  # never x itself
+        assert by_text[grpo.normalize_text(xp)]["subject"] == x["subject"]  # same subject
     assert elapsed < 60, f"D_SFT took {elapsed:.0f}s"  # seconds, not minutes (generous bound for slow CI)
 
 # -----------------------------------------------------------------------------
@@ -162,6 +194,12 @@ def run(args, cwd):
     return proc.stdout
 
 
+def test_flags_that_would_do_nothing_are_refused(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "hl_generator.py"), "train", "--beta", "0.5"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "unrecognized arguments: --beta" in proc.stderr  # beta_HL is --beta-hl
+
+
 def test_sft_then_train_commands(tiny_model_dir, tmp_path):
     out = run(["sft", "--model", tiny_model_dir, "--data", "arith", "--limit", "40", "--sft-steps", "2",
                "--sft-batch", "4", "--out", "sft", "--device", "cpu"], tmp_path)
@@ -178,4 +216,4 @@ def test_sft_then_train_commands(tiny_model_dir, tmp_path):
          "--limit", "20", "--steps", "2", "--batch-problems", "1", "--hl-group", "2", "--ll-answers", "1",
          "--max-context-tokens", "8", "--max-new-tokens", "6", "--out", "train", "--device", "cpu"], tmp_path)
     records = [json.loads(l) for l in open(tmp_path / "train" / "metrics.jsonl")]
-    assert [r["step"] for r in records] == [1, 2] and all("parse_rate" in r for r in records)
+    assert [r["step"] for r in records] == [1, 2] and all("parse_rate" in r and "ctx_self" in r for r in records)
