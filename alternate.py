@@ -35,7 +35,6 @@ Deviations, numbered:
     2. --joint: each round, one step where the HL's contexts are sampled once, the LL is updated on its
        rollouts with them, and the HL is updated on R_HL of those same rollouts (M = 1 answer per context).
 """
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -48,6 +47,7 @@ import hl_generator
 from eval_math500 import evaluate, print_summary
 from grpo import arg
 
+TABLE = __doc__[__doc__.index("| exp"):__doc__.index("Ablations, one flag each")]
 EXPERIMENTS = {  # the table above: the defaults that --exp sets
     1: dict(hl="none", context_at="none", ll_steps=2, hl_steps=0),
     2: dict(hl="pretrained", context_at="test", ll_steps=0, hl_steps=0),
@@ -60,38 +60,51 @@ EXPERIMENTS = {  # the table above: the defaults that --exp sets
 @dataclass
 class Config(hl_generator.Config, context_grpo.Config):
     HIDDEN = ("steps", "context", "ll_model", "n_show", "sample_every", "save_every")  # set by --exp / unused here
+    EPILOG = TABLE  # --help shows the experiment table
+    model: str = arg("smollm2", "the LL (and the HL's base, unless --hl-model): smollm2, Qwen2.5-0.5B, a hub id or a folder")
     exp: int = field(default=5, metadata={"help": "experiment 1-5 (the table in this file's docstring)",
                                           "choices": [1, 2, 3, 4, 5]})
     hl: str = field(default="", metadata={"help": "HL: none, pretrained, sft ('' = from --exp)",
                                           "choices": ["", "none", "pretrained", "sft"]})
     context_at: str = field(default="", metadata={"help": "where the LL sees HL contexts ('' = from --exp)",
                                                   "choices": ["", "none", "test", "train+test"]})
-    rounds: int = arg(2, "T: rounds of (LL phase, HL phase)")
-    ll_steps: int = arg(-1, "LL steps per round (-1 = from --exp)")
-    hl_steps: int = arg(-1, "HL steps per round (-1 = from --exp)")
+    rounds: int = arg(2, "T: rounds of (LL phase, HL phase)", ge=1)
+    ll_steps: int = arg(-1, "LL steps per round (-1 = from --exp)", ge=-1)
+    hl_steps: int = arg(-1, "HL steps per round (-1 = from --exp)", ge=-1)
     frozen_ll: bool = arg(False, "ablation: the LL never updates (the HL still does)")
     joint: bool = arg(False, "ablation: one combined LL+HL step per round instead of alternating phases")
     hl_model: str = arg("", "HL base model (default: --model)")
     hl_init: str = arg("", "an SFT'd HL folder: theta_0 without running SFT")
     ll_init: str = arg("", "an exp-1 checkpoint folder: phi_0 (default: --model)")
-    hl_lr: float = arg(1e-5, "HL learning rate")
+    hl_lr: float = arg(1e-5, "HL learning rate", gt=0)
     eval_data: str = arg("arith-test", "held-out problems: a JSONL path (e.g. MATH-500), arith-test (the sums never "
                                        "in `arith`), or math500 (hub); training problems that are also here are removed")
-    eval_limit: int = arg(16, "evaluate on the first N held-out problems (0 = all)")
-    eval_every: int = arg(1, "evaluate every N rounds (and after the last)")
-    eval_max_new_tokens: int = arg(0, "LL budget at evaluation (0 = --max-new-tokens)")
+    eval_limit: int = arg(16, "evaluate on the first N held-out problems (0 = all)", ge=0)
+    eval_every: int = arg(1, "evaluate every N rounds (and after the last)", ge=1)
+    eval_max_new_tokens: int = arg(0, "LL budget at evaluation (0 = --max-new-tokens)", ge=0)
     out: str = arg("runs/alternate", "run folder: config.json, metrics.jsonl, samples.jsonl, eval*.json*, ckpt/")
     # smaller defaults than the single-level scripts: a complete exp-5 run on a CPU in minutes
-    group_size: int = arg(4, "G: LL rollouts per problem (each with its own HL context)")
-    max_new_tokens: int = arg(48, "LL completion budget")
-    max_context_tokens: int = arg(64, "HL context budget")
-    hl_group: int = arg(4, "G_HL: contexts per problem in the HL update")
-    ll_answers: int = arg(1, "M: LL answers per context in the HL update")
-    sft_steps: int = arg(20, "SFT steps for theta_0")
-    sft_batch: int = arg(4, "SFT pairs per step")
+    group_size: int = arg(4, "G: LL rollouts per problem (each with its own HL context)", ge=2)
+    max_new_tokens: int = arg(48, "LL completion budget", ge=1)
+    max_context_tokens: int = arg(64, "HL context budget", ge=1)
+    hl_group: int = arg(4, "G_HL: contexts per problem in the HL update", ge=2)
+    ll_answers: int = arg(1, "M: LL answers per context in the HL update", ge=1)
+    sft_steps: int = arg(20, "SFT steps for theta_0", ge=1)
+    sft_batch: int = arg(4, "SFT pairs per step", ge=1)
     prior: str = field(default="init", metadata={
         "help": "q: init (frozen phi_0, shared with p_ref), base (--base-model), self (current LL, detached)",
         "choices": ["init", "base", "self"]})
+
+    def check(self):
+        """Ranges, models, and contradictory flags (after --exp has filled in its defaults): one clear message
+        before any data or model is loaded."""
+        super().check()
+        cfg = replace(self, **experiment_defaults(self))
+        if cfg.hl == "none" and (cfg.hl_steps > 0 or cfg.joint or cfg.context_at != "none"):
+            raise SystemExit("--hl none: there is no HL to train or to give contexts (set --hl-steps 0, "
+                             "--context-at none, no --joint)")
+        if cfg.joint and (cfg.icpo or cfg.ll_steps == 0):
+            raise SystemExit("--joint needs LL steps (not --frozen-ll / --ll-steps 0) and is not combined with --icpo")
 
 
 def experiment_defaults(cfg):
@@ -109,17 +122,6 @@ def changed_flags(cfg):
     base = {**asdict(Config()), **experiment_defaults(Config(exp=cfg.exp))}
     skip = {"out", "resume", "device", "exp"}
     return ", ".join(f"{k}={v}" for k, v in asdict(cfg).items() if k not in skip and base.get(k) != v)
-
-
-def check(cfg):
-    """Contradictory flags get one clear message, before any model is loaded."""
-    if cfg.hl == "none" and (cfg.hl_steps > 0 or cfg.joint or cfg.context_at != "none"):
-        raise SystemExit("--hl none: there is no HL to train or to give contexts (set --hl-steps 0, "
-                         "--context-at none, no --joint)")
-    if cfg.joint and (cfg.icpo or cfg.ll_steps == 0):
-        raise SystemExit("--joint needs LL steps (not --frozen-ll / --ll-steps 0) and is not combined with --icpo")
-    if cfg.rounds < 1:
-        raise SystemExit("--rounds must be at least 1")
 
 
 def hl_contexts(hl, tok, batch, n, cfg, idx, eos, purpose):
@@ -150,7 +152,8 @@ def load_hl(cfg, tok, problems, held, out, device):
     if cfg.hl == "sft" and not cfg.hl_init and os.path.exists(os.path.join(sft_dir, "config.json")):
         print(f"theta_0: the SFT'd HL already in {sft_dir}")
         return grpo.load_model(sft_dir, device=device, trainable=True)[0]
-    hl, _ = grpo.load_model(cfg.hl_init or cfg.hl_model or cfg.model, device=device, trainable=True)
+    hl, _ = grpo.load_model(cfg.hl_init or cfg.hl_model or cfg.model, device=device, trainable=True,
+                            flag="--hl-init" if cfg.hl_init else "--hl-model" if cfg.hl_model else "--model")
     if cfg.hl == "sft" and not cfg.hl_init:
         pairs = hl_generator.build_sft_pairs(problems, held)
         print(f"theta_0: SFT of the HL on D_SFT ({len(pairs)} pairs)")
@@ -161,8 +164,13 @@ def load_hl(cfg, tok, problems, held, out, device):
 
 
 def main(cfg):
-    cfg = replace(cfg, **experiment_defaults(cfg))
-    check(cfg)
+    cfg = replace(cfg, **experiment_defaults(cfg))  # flags were checked by parse_config (Config.check)
+    # -------------------------------------------------------------------------- data, before any model
+    # eval-set hygiene: no training problem (LL or D_SFT) is an evaluation problem, whatever --eval-limit keeps
+    eval_all = grpo.load_problems(cfg.eval_data, None, cfg.seed + 1)
+    eval_problems = eval_all[:cfg.eval_limit] if cfg.eval_limit else eval_all
+    held = eval_all + (grpo.load_problems(cfg.holdout) if cfg.holdout else [])
+    problems = grpo.drop_overlap(grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed), held)
     out = grpo.start_run(cfg)
     device = grpo.pick_device(cfg.device)
     train_ll, use_hl = cfg.ll_steps > 0, cfg.hl != "none"
@@ -172,20 +180,16 @@ def main(cfg):
           f"{', joint' if cfg.joint else ''}), {cfg.batch_problems} problems x {cfg.group_size} rollouts, "
           f"eval on {cfg.eval_limit or 'all'} problems of {cfg.eval_data} every {cfg.eval_every} round(s); device {device}. "
           + ("With the embedded SmolLM2 on a 2-core CPU this default takes about 5 minutes."
-             if cfg.model == "smollm2" and device == "cpu" else ""))
+             if device == "cpu" and cfg.exp == 5 and not changed_flags(cfg) and not cfg.resume else ""))
     t_start = time.time()
     # -------------------------------------------------------------------------- models
-    ll, tok = grpo.load_model(cfg.ll_init or cfg.model, device=device, trainable=True)
+    ll, tok = grpo.load_model(cfg.ll_init or cfg.model, device=device, trainable=True,
+                              flag="--ll-init" if cfg.ll_init else "--model")
     ll.eval()
     ref = grpo.frozen_copy(ll) if (cfg.beta > 0 or cfg.prior == "init") else None  # p_ref = q = frozen phi_0
     prior = context_grpo.make_prior(cfg.prior, ll, ref, cfg)
     ref = ref if cfg.beta > 0 else None
     ll_opt = torch.optim.AdamW(ll.parameters(), lr=cfg.lr, weight_decay=0.0)
-    # eval-set hygiene: no training problem (LL or D_SFT) is an evaluation problem, whatever --eval-limit keeps
-    eval_all = grpo.load_problems(cfg.eval_data, None, cfg.seed + 1)
-    eval_problems = eval_all[:cfg.eval_limit] if cfg.eval_limit else eval_all
-    held = eval_all + (grpo.load_problems(cfg.holdout) if cfg.holdout else [])
-    problems = grpo.drop_overlap(grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed), held)
     problems = grpo.fit_prompts(tok, problems, cfg.max_prompt_tokens)
     eos = grpo.eos_token_ids(ll, tok)
     models, opts = {"ll": ll}, {"ll": ll_opt}
@@ -214,8 +218,7 @@ def main(cfg):
         print_summary(s)
         s.update(rounds=t + 1, wall_clock=time.time() - t_start, exp=cfg.exp, flags=changed_flags(cfg))
         log("eval", t, {k: v for k, v in s.items() if not isinstance(v, (dict, str))})
-        with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump(s, f, indent=2)
+        grpo.write_json(os.path.join(out, "eval.json"), s)
 
     if start == 0 and not cfg.resume:
         run_eval(-1)  # round 0: the starting point, so every later number has its baseline beside it

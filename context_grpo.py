@@ -154,7 +154,8 @@ def make_prior(kind, model, phi0, cfg):
             raise ValueError("prior init needs the frozen initial LL (phi0), copied before any checkpoint is loaded")
         return phi0
     if kind == "base":
-        base, _ = grpo.load_model(cfg.base_model or cfg.model, device=model.device)
+        base, _ = grpo.load_model(cfg.base_model or cfg.model, device=model.device,
+                                  flag="--base-model" if cfg.base_model else "--model")
         return grpo.frozen_copy(base)
     if kind == "self":
         return model
@@ -260,8 +261,8 @@ class Config(grpo.Config):
     context: str = field(default="retrieved", metadata={
         "help": "context source: retrieved (TF-IDF neighbour), random (training example), none",
         "choices": ["retrieved", "random", "none"]})
-    lam: float = arg(0.1, "lambda: weight of the utilisation reward (0 = off, the plain GRPO reward)")
-    tau: float = arg(1.0, "tau': symmetric clip of the utilisation log-ratio")
+    lam: float = arg(0.1, "lambda: weight of the utilisation reward (0 = off, the plain GRPO reward)", ge=0)
+    tau: float = arg(1.0, "tau': symmetric clip of the utilisation log-ratio", gt=0)
     util_reduce: str = field(default="mean", metadata={
         "help": "utilisation over tokens: mean (a KL rate) or sum", "choices": ["mean", "sum"]})
     prior: str = field(default="init", metadata={
@@ -269,10 +270,16 @@ class Config(grpo.Config):
         "choices": ["init", "base", "self"]})
     base_model: str = arg("", "the pretrained base model for --prior base (default: --model)")
     icpo: bool = arg(False, "ICPO mode: G on-policy + n_off IEF rollouts with a demonstration, ERRS, bonus")
-    n_off: int = arg(1, "ICPO: IEF rollouts per problem")
-    icpo_bonus: float = arg(0.5, "ICPO: expert bonus beta_E at step 0, annealed linearly to 0 at the last step")
-    gamma: float = arg(0.1, "ICPO: shaping f(p) = p / (p + gamma) on IEF tokens")
-    delta: float = arg(1.0, "ICPO: ERRS acceptance threshold on R_task")
+    n_off: int = arg(1, "ICPO: IEF rollouts per problem (at most G - 1: one on-policy rollout stays)", ge=0)
+    icpo_bonus: float = arg(0.5, "ICPO: expert bonus beta_E at step 0, annealed linearly to 0 at the last step", ge=0)
+    gamma: float = arg(0.1, "ICPO: shaping f(p) = p / (p + gamma) on IEF tokens", gt=0)
+    delta: float = arg(1.0, "ICPO: ERRS acceptance threshold on R_task", ge=0, le=1)
+
+    def check(self):
+        super().check()
+        if self.icpo and self.n_off > self.group_size - 1:
+            raise SystemExit(f"--n-off {self.n_off}: must be <= --group-size - 1 = {self.group_size - 1} (an accepted IEF "
+                             f"rollout replaces an on-policy row of its own group, and one on-policy row stays)")
 
 
 def main(cfg):

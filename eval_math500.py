@@ -134,10 +134,14 @@ def report(folders, log=print):
         if not os.path.exists(eval_path):
             log(f"(skipped {folder}: no eval.json)")
             continue
-        ev = json.load(open(eval_path))
+        try:
+            ev = json.load(open(eval_path))
+        except json.JSONDecodeError as e:
+            log(f"(skipped {folder}: {eval_path} is not valid JSON ({e.msg}): a killed writer? rerun its evaluation)")
+            continue
         first = "-"
         if os.path.exists(metrics_path):
-            evals = [r for r in map(json.loads, open(metrics_path)) if r.get("phase") == "eval"]
+            evals = [r for r in grpo.read_jsonl(metrics_path) if r.get("phase") == "eval"]
             first = f"{evals[0]['eval/acc']:.3f}" if evals else "-"
         rate = lambda k: "-" if ev.get(k) is None else f"{ev[k]:.2f}"  # noqa: E731
         rows.append(f"| {os.path.basename(folder.rstrip('/'))} | {ev.get('exp', '-')} | {ev.get('flags') or '-'} | "
@@ -154,26 +158,31 @@ def report(folders, log=print):
 
 @dataclass
 class Config:
+    EPILOG = "A table of runs instead: python eval_math500.py --report runs/*  (reads each folder's eval.json)"
     model: str = arg("smollm2", "the LL: smollm2, Qwen2.5-0.5B, a hub id, or a folder (a checkpoint)")
     hl_model: str = arg("", "the HL (a folder or name): each problem gets one greedy context first")
     data: str = arg("math500", "a JSONL path, or math500 (HuggingFaceH4/MATH-500 from the hub)")
-    limit: int = arg(0, "the first N problems only (0 = all)")
-    samples: int = arg(1, "K answers per problem (mean accuracy); K > 1 needs --temperature > 0")
-    temperature: float = arg(0.0, "LL sampling temperature (0 = greedy)")
-    max_new_tokens: int = arg(512, "LL answer budget")
-    max_context_tokens: int = arg(384, "HL context budget")
-    batch_size: int = arg(16, "problems per batch")
-    seed: int = arg(0, "sampling seed")
-    self_threshold: float = arg(0.9, "leakage guard: an HL example restating x (bag-of-words cosine >= this) is dropped")
-    out: str = arg("eval.jsonl", "every problem, context, response, extracted answer and verdict (JSONL)")
+    limit: int = arg(0, "the first N problems only (0 = all)", ge=0)
+    samples: int = arg(1, "K answers per problem (mean accuracy); K > 1 needs --temperature > 0", ge=1)
+    temperature: float = arg(0.0, "LL sampling temperature (0 = greedy)", ge=0)
+    max_new_tokens: int = arg(512, "LL answer budget", ge=1)
+    max_context_tokens: int = arg(384, "HL context budget", ge=1)
+    batch_size: int = arg(16, "problems per batch", ge=1)
+    seed: int = arg(0, "sampling seed", ge=0)
+    self_threshold: float = arg(0.9, "leakage guard: an HL example restating x (bag-of-words cosine >= this) is dropped",
+                                gt=0, le=1)
+    out: str = arg("runs/eval.jsonl", "every problem, context, response, extracted answer and verdict (JSONL)")
     device: str = arg("", "cuda / cpu (default: cuda when available)")
+
+    def check(self):
+        grpo.Config.check(self)  # the same range and model checks as the training scripts'
 
 
 def main(cfg):
+    problems = grpo.load_problems(cfg.data, cfg.limit or None)  # the data first: a bad file stops before any model
     device = grpo.pick_device(cfg.device)
     model, tokenizer = grpo.load_model(cfg.model, device=device)
-    hl_model = grpo.load_model(cfg.hl_model, device=device)[0].eval() if cfg.hl_model else None
-    problems = grpo.load_problems(cfg.data, cfg.limit or None)
+    hl_model = grpo.load_model(cfg.hl_model, device=device, flag="--hl-model")[0].eval() if cfg.hl_model else None
     eos = grpo.eos_token_ids(model, tokenizer)
     print(f"evaluating {cfg.model} on {len(problems)} problems from {cfg.data}"
           f"{' with contexts from ' + cfg.hl_model if hl_model is not None else ''}, "
@@ -182,8 +191,7 @@ def main(cfg):
                        cfg.max_new_tokens, cfg.max_context_tokens, cfg.batch_size, cfg.seed, cfg.out,
                        self_threshold=cfg.self_threshold)
     print_summary(summary)
-    with open(os.path.splitext(cfg.out)[0] + ".summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
+    grpo.write_json(os.path.splitext(cfg.out)[0] + ".summary.json", summary)
     print(f"wrote {cfg.out} and its .summary.json")
 
 

@@ -100,21 +100,48 @@ def resolve_model(name):
     return name
 
 
-def load_model(name=None, dtype=None, device=None, trainable=False):
+def model_problem(name):
+    """Why `name` cannot be a model, found without loading anything (None if it may be one): a path-like
+    name (/..., ./..., ~/..., or more than one '/': a hub id is "org/name") that is not a folder, a folder
+    without config.json, a config.json that still carries a GGUF quantization_config (such a model trains
+    and then cannot be saved)."""
+    if name in (None, "", "smollm2") or name.startswith(("Qwen2.5-", "Qwen2-", "Qwen3-")):
+        return None
+    if not os.path.isdir(name):
+        path_like = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+        return f"no such folder: {name}" if path_like or os.path.exists(name) else None
+    config = os.path.join(name, "config.json")
+    if not os.path.exists(config):
+        return f"{name} holds no model (no config.json)"
+    try:
+        quant = json.load(open(config)).get("quantization_config") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{config} is not valid JSON ({e})"
+    if isinstance(quant, dict) and quant.get("quant_method") == "gguf":
+        return f"{config} carries a GGUF quantization_config: delete that key (the weights are plain) and retry"
+    return None
+
+
+def load_model(name=None, dtype=None, device=None, trainable=False, flag="--model"):
     """(model, tokenizer). bf16 on a GPU, fp32 on a CPU, unless dtype is given. A model that will be
     trained (trainable=True) keeps fp32 weights everywhere: AdamW on bf16 weights rounds away every
     update smaller than ~1/256 of a weight (lr 1e-5 on a weight of 0.02 never lands); on a GPU its forward
-    passes still run in bf16, under autocast (see _autocast)."""
+    passes still run in bf16, under autocast (see _autocast). Errors name the flag that gave `name`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     device = pick_device(device)
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") and not trainable else torch.float32)
+    if model_problem(name):
+        raise SystemExit(f"{flag} {name}: {model_problem(name)}")
     path = resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as e:
-        raise SystemExit(f"Could not load model {name!r} (looked for {path!r}): {e}\nFix: pass a local folder, "
-                         "a hub id on a machine with internet access, or no --model for the embedded SmolLM2.")
+    except Exception as e:  # a missing hub id, a corrupt weight file, a broken tokenizer: one clear message
+        files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".json"))) \
+            if os.path.isdir(path) else []
+        raise SystemExit(f"{flag} {name}: could not load it (looked for {path!r}{', files ' + ', '.join(files) if files else ''})"
+                         f": {type(e).__name__}: {e}\nFix: pass a folder that save_pretrained wrote, a hub id on a "
+                         f"machine with internet access, or smollm2 for the embedded SmolLM2.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # only ever a filler: every mask below is built from lengths
     return model.to(device), tokenizer
@@ -191,10 +218,16 @@ def load_problems(path_or_name, limit=None, seed=0):
             raise SystemExit(f"Could not download {repo}/{filename} ({type(e).__name__}: {e}).\n"
                              f"Fix: pass a local JSONL path instead (e.g. ../shared/data/math500.jsonl).")
     if not os.path.exists(path):
-        raise SystemExit(f"No data at {path!r}: pass a JSONL file, `arith`, or one of {sorted(HUB_DATA)}.")
+        raise SystemExit(f"No data at {path!r}: pass a JSONL file, `arith`, `arith-test`, or one of {sorted(HUB_DATA)}.")
+    if os.path.isdir(path):
+        raise SystemExit(f"{path} is a folder: pass a JSONL file (one JSON object per line)")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -203,7 +236,7 @@ def load_problems(path_or_name, limit=None, seed=0):
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("problem"), str):
                 raise ValueError(f"{path}:{lineno}: no 'problem' field (a string)")
-            if not row.get("answer"):
+            if row.get("answer") is None or str(row["answer"]).strip() == "":  # only absent or empty: 0 is an answer
                 row["answer"] = extract_boxed(row.get("solution") or "")
                 if not row["answer"]:
                     raise ValueError(f"{path}:{lineno}: no 'answer' field and no \\boxed{{}} in 'solution'")
@@ -630,20 +663,42 @@ def policy_update(model, ref_model, optimizer, prompt_ids, completion_ids, advan
 # run helpers: flags from a dataclass, run folder, metrics, checkpoints (used by every entry script)
 
 
-def arg(default, help):
-    """A config field with its one-line help text (shown by --help)."""
-    return field(default=default, metadata={"help": help})
+def arg(default, help, ge=None, gt=None, le=None):
+    """A config field with its one-line help text (shown by --help) and its allowed range (checked by
+    check_ranges before any work starts)."""
+    return field(default=default, metadata={"help": help, "ge": ge, "gt": gt, "le": le})
+
+
+_RANGES = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("<=", lambda v, b: v <= b)}
+
+
+def check_ranges(cfg):
+    """Every flag within its declared range, else one message that names the flag and the range."""
+    for f in fields(cfg):
+        for key, (word, ok) in _RANGES.items():
+            bound, value = f.metadata.get(key), getattr(cfg, f.name)
+            if bound is not None and not ok(value, bound):
+                raise SystemExit(f"--{f.name.replace('_', '-')} {value}: must be {word} {bound} ({f.metadata['help']})")
+
+
+# flags a resumed run may change (they do not change what was computed so far); every other one is fixed
+RESUMABLE = {"steps", "rounds", "lr", "hl_lr", "eval_limit", "eval_every", "eval_max_new_tokens", "sample_every",
+             "save_every", "micro_batch", "device", "out", "resume", "overwrite"}
 
 
 def parse_config(cls, argv=None):
-    """Flags from the dataclass fields (one per field, its help text shown by --help). With
-    --resume DIR the saved DIR/config.json is the base and only the flags given explicitly override it."""
+    """Flags from the dataclass fields (one per field, its help text and default shown by --help), then
+    cfg.check(). With --resume DIR the saved DIR/config.json is the base: the folder must have been made
+    by the same script; a flag given explicitly overrides it if it is in RESUMABLE (printed), and is an
+    error otherwise (a resumed experiment is the same experiment)."""
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                                     epilog=getattr(cls, "EPILOG", None), allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # tables kept as written
     for f in fields(cls):
         if f.name in getattr(cls, "HIDDEN", ()):
             continue  # inherited fields this script sets itself or does not use: no flag
-        kw = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        # default SUPPRESS: only flags given explicitly appear (a resume tells them apart); --help shows the default
+        kw = {"help": f"{f.metadata.get('help', '')} (default: {f.default!r})", "default": argparse.SUPPRESS}
         if isinstance(f.default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         else:
@@ -657,22 +712,81 @@ def parse_config(cls, argv=None):
         path = os.path.join(given["resume"], "config.json")
         if not os.path.exists(path):
             raise SystemExit(f"--resume {given['resume']}: no config.json there (is it a run folder?)")
-        base = json.load(open(path))
+        try:
+            base = json.load(open(path))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--resume: {path} is not valid JSON ({e})") from None
+        script = _script(cls)
+        if base.get("script", script) != script:
+            raise SystemExit(f"--resume {given['resume']}: that run was made by {base['script']}, not {script}: "
+                             f"resume it with {base['script']}")
+        for k, v in given.items():
+            if k in base and base[k] != v:
+                if k not in RESUMABLE:
+                    raise SystemExit(f"--{k.replace('_', '-')} {v}: cannot change on resume (the run was made with "
+                                     f"{base[k]}); start a new run for that (changeable: "
+                                     f"{', '.join(sorted(RESUMABLE))})")
+                print(f"resume: {k} {base[k]} -> {v}")
         base["out"] = given["resume"]
     known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in {**base, **given}.items() if k in known})
+    cfg = cls(**{k: v for k, v in {**base, **given}.items() if k in known})
+    cfg.check()
+    return cfg
+
+
+def _script(cls):
+    """The file that defines a Config class: what made a run folder."""
+    return os.path.basename(getattr(sys.modules[cls.__module__], "__file__", "") or cls.__module__)
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "eval.json", "ckpt", "ckpt.tmp", "ckpt.old", "hl_sft", "hl")
 
 
 def start_run(cfg):
-    """Create the run folder, write config.json, seed everything; print the config."""
+    """Create the run folder, write config.json (with the script that made it), seed everything; print the
+    config. A new run (no --resume) into a folder that already holds one is an error unless --overwrite,
+    which deletes that run's files first: a second run never mixes its metrics or checkpoint into a first."""
+    if not cfg.resume and os.path.exists(os.path.join(cfg.out, "config.json")):
+        if not cfg.overwrite:
+            raise SystemExit(f"{cfg.out} already holds a run: --resume {cfg.out} to continue it, --overwrite to "
+                             f"replace it, or another --out")
+        for name in os.listdir(cfg.out):
+            if name in RUN_FILES or name.startswith("eval_round"):
+                path = os.path.join(cfg.out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        print(f"--overwrite: deleted the run that was in {cfg.out}")
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=2)
+    write_json(os.path.join(cfg.out, "config.json"), {"script": _script(type(cfg)), **asdict(cfg)})
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     return cfg.out
+
+
+def write_json(path, obj):
+    """Write a JSON file whole or not at all (beside, then renamed): a kill never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file. A torn LAST line (a writer killed mid-line) is skipped with a
+    printed note; a bad line elsewhere is an error that names the file and the line."""
+    lines = open(path, encoding="utf-8").read().splitlines()
+    records = []
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k == len(lines) - 1:
+                print(f"note: skipped the torn last line of {path} (a killed writer leaves one)")
+            else:
+                raise SystemExit(f"{path}:{k + 1}: not valid JSON") from None
+    return records
 
 
 def log_jsonl(folder, name, record):
@@ -709,12 +823,36 @@ def save_checkpoint(folder, step, models, optimizers, tokenizer=None):
 
 
 def load_checkpoint(folder, models, optimizers):
-    """Restore models (weights, in place), optimisers and RNG from folder/ckpt; drop metric lines written
-    after it (they will be written again). Returns the step to continue from (0 if there is none)."""
+    """Restore models (weights, in place), optimisers (their state; the learning rate stays the one the
+    optimiser was built with, so a resumed --lr takes effect) and RNG from folder/ckpt; drop metric and
+    sample lines written after it (they will be written again; with no checkpoint, all but step 0's).
+    A kill between save_checkpoint's two renames leaves no ckpt/ but a complete ckpt.tmp/ (newer) or
+    ckpt.old/: the newest complete one is taken. Returns the step to continue from (0 if there is none)."""
     ckpt = os.path.join(folder, "ckpt")
     if not os.path.exists(os.path.join(ckpt, "state.pt")):
+        for other in (ckpt + ".tmp", ckpt + ".old"):  # state.pt is written last: its presence means complete
+            if os.path.exists(os.path.join(other, "state.pt")):
+                shutil.rmtree(ckpt, ignore_errors=True)
+                os.replace(other, ckpt)
+                print(f"took {other}, the newest complete checkpoint (a save was interrupted)")
+                break
+    step = 0
+    if os.path.exists(os.path.join(ckpt, "state.pt")):
+        step = _restore(ckpt, models, optimizers)
+        print(f"resumed from {ckpt} at step {step}")
+    else:
         print(f"no checkpoint in {folder}: starting from step 0")
-        return 0
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+    return step
+
+
+def _restore(ckpt, models, optimizers):
+    """Weights, optimiser states and RNG from one complete checkpoint folder; returns its step."""
     from safetensors.torch import load_file
     for name, model in models.items():
         shards = [f for f in os.listdir(os.path.join(ckpt, name)) if f.endswith(".safetensors")]
@@ -727,18 +865,15 @@ def load_checkpoint(folder, models, optimizers):
             raise SystemExit(f"{ckpt}/{name} does not match the model: missing {missing}, unexpected {unexpected}")
     state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
     for k, o in optimizers.items():
+        lrs = [group["lr"] for group in o.param_groups]
         o.load_state_dict(state["optimizers"][k])
+        for group, lr in zip(o.param_groups, lrs):
+            group["lr"] = lr
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            lines = [l for l in open(path) if json.loads(l).get("step", 0) <= state["step"]]
-            open(path, "w").writelines(lines)
-    print(f"resumed from {ckpt} at step {state['step']}")
     return state["step"]
 
 # -----------------------------------------------------------------------------
@@ -749,30 +884,39 @@ def load_checkpoint(folder, models, optimizers):
 class Config:
     model: str = arg("smollm2", "LL model: smollm2 (embedded default), Qwen2.5-0.5B, a hub id or a local folder")
     data: str = arg("arith", "training problems: a JSONL path, `arith` (offline synthetic) or `math500` (hub)")
-    limit: int = arg(0, "use only the first N problems (0 = all)")
-    steps: int = arg(30, "training steps (one batch of B problems x G rollouts each)")
-    batch_problems: int = arg(2, "B: problems per step")
-    group_size: int = arg(8, "G: rollouts per problem")
-    max_new_tokens: int = arg(64, "completion budget per rollout (tokens)")
-    max_prompt_tokens: int = arg(1024, "problems whose prompt is longer are skipped (counted at start)")
-    temperature: float = arg(1.0, "sampling temperature (0 = greedy); log-probs use the same T")
-    top_p: float = arg(1.0, "nucleus sampling threshold (1 = off)")
-    lr: float = arg(1e-5, "AdamW learning rate")
-    beta: float = arg(0.04, "beta_LL: weight of the k3 KL to the frozen initial model (0 = no reference)")
-    clip_eps: float = arg(0.2, "PPO clip range epsilon")
-    updates: int = arg(1, "optimiser steps per batch (1 = on-policy, rho = 1)")
-    micro_batch: int = arg(8, "rows per forward/backward (gradients accumulated)")
+    limit: int = arg(0, "use only the first N problems (0 = all)", ge=0)
+    steps: int = arg(30, "training steps (one batch of B problems x G rollouts each)", ge=1)
+    batch_problems: int = arg(2, "B: problems per step", ge=1)
+    group_size: int = arg(8, "G: rollouts per problem (at 1 every advantage is 0)", ge=2)
+    max_new_tokens: int = arg(64, "completion budget per rollout (tokens)", ge=1)
+    max_prompt_tokens: int = arg(1024, "problems whose prompt is longer are skipped (counted at start)", ge=1)
+    temperature: float = arg(1.0, "sampling temperature (0 = greedy); log-probs use the same T", ge=0)
+    top_p: float = arg(1.0, "nucleus sampling threshold (1 = off)", gt=0, le=1)
+    lr: float = arg(1e-5, "AdamW learning rate", gt=0)
+    beta: float = arg(0.04, "beta_LL: weight of the k3 KL to the frozen initial model (0 = no reference)", ge=0)
+    clip_eps: float = arg(0.2, "PPO clip range epsilon", gt=0)
+    updates: int = arg(1, "optimiser steps per batch (1 = on-policy, rho = 1)", ge=1)
+    micro_batch: int = arg(8, "rows per forward/backward (gradients accumulated; 0 = all rows at once)", ge=0)
     loss_norm: str = field(default="seq", metadata={"help": "seq = per-sequence mean (GRPO), token = Dr. GRPO",
                                                      "choices": ["seq", "token"]})
     scale_by_std: bool = arg(False, "divide advantages by the group std (GRPO as published)")
-    format_bonus: float = arg(0.0, "extra reward for writing a \\boxed{} at all (gameable; for tiny-model demos)")
-    grad_clip: float = arg(1.0, "max gradient norm (0 = no clipping)")
-    seed: int = arg(0, "seed for data order, sampling and init")
-    sample_every: int = arg(10, "print and save one full rollout every N steps")
-    save_every: int = arg(10, "checkpoint every K steps (and at the end)")
+    format_bonus: float = arg(0.0, "extra reward for writing a \\boxed{} at all (gameable; for tiny-model demos)", ge=0)
+    grad_clip: float = arg(1.0, "max gradient norm (0 = no clipping)", ge=0)
+    seed: int = arg(0, "seed for data order, sampling and init", ge=0)
+    sample_every: int = arg(10, "print and save one full rollout every N steps (0 = never)", ge=0)
+    save_every: int = arg(10, "checkpoint every K steps and at the end (0 = only at the end)", ge=0)
     out: str = arg("runs/grpo", "run folder: config.json, metrics.jsonl, samples.jsonl, ckpt/")
     resume: str = arg("", "continue the run in this folder from its last checkpoint")
+    overwrite: bool = arg(False, "replace the run already in --out (without it, that is an error)")
     device: str = arg("", "cuda / cpu (default: cuda when available)")
+
+    def check(self):
+        """Every flag in its range and every model name usable, before any data or model is loaded."""
+        check_ranges(self)
+        for name in ("model", "base_model", "ll_model", "hl_model", "hl_init", "ll_init"):
+            value = getattr(self, name, "")
+            if value and model_problem(value):
+                raise SystemExit(f"--{name.replace('_', '-')} {value}: {model_problem(value)}")
 
 
 def fit_prompts(tokenizer, problems, max_prompt_tokens, context=None):
@@ -873,6 +1017,7 @@ def log_sample(out, step, problem, text, reward, context=None):
 def train_loop(cfg, out, step, problems, step_fn, models, optimizers, tokenizer, name="step"):
     """The loop every LL entry script shares: batch, step_fn(batch, step) -> (record, rollouts), log,
     a sample every cfg.sample_every steps, a checkpoint every cfg.save_every steps and at the end."""
+    saved = False
     while step < cfg.steps:
         batch = [problems[i] for i in batch_indices(len(problems), cfg.batch_problems, step, cfg.seed)]
         record, roll = step_fn(batch, step)
@@ -881,15 +1026,18 @@ def train_loop(cfg, out, step, problems, step_fn, models, optimizers, tokenizer,
         print_record(name, record, cfg.steps)
         if cfg.sample_every and step % cfg.sample_every == 0:
             log_sample(out, step, batch[0], roll["texts"][0], roll["rewards"][0].item(), roll.get("context"))
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
             save_checkpoint(out, step, models, optimizers, tokenizer)
-    print(f"done: {out}/metrics.jsonl, checkpoint in {out}/ckpt/")
+            saved = True
+    print(f"done: {out}/metrics.jsonl" + (f", checkpoint in {out}/ckpt/" if saved else " (nothing left to train)"))
 
 
 def setup(cfg, keep_phi0=False):
     """Run folder, LL model, phi0 = a frozen copy of the initial LL (p_ref; made when beta > 0 or keep_phi0,
     BEFORE a checkpoint is loaded, so a resumed run keeps phi_0, not phi_t), optimiser, resume, problems,
-    EOS ids."""
+    EOS ids. The data is read and checked first: a bad file stops the run before the folder or a model is
+    touched."""
+    problems = load_problems(cfg.data, cfg.limit or None, cfg.seed)
     out = start_run(cfg)
     device = pick_device(cfg.device)
     model, tokenizer = load_model(cfg.model, device=device, trainable=True)
@@ -897,7 +1045,7 @@ def setup(cfg, keep_phi0=False):
     ref_model = frozen_copy(model) if cfg.beta > 0 or keep_phi0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     step = load_checkpoint(out, {"policy": model}, {"policy": optimizer}) if cfg.resume else 0
-    problems = fit_prompts(tokenizer, load_problems(cfg.data, cfg.limit or None, cfg.seed), cfg.max_prompt_tokens)
+    problems = fit_prompts(tokenizer, problems, cfg.max_prompt_tokens)
     return out, model, tokenizer, ref_model, optimizer, step, problems, eos_token_ids(model, tokenizer)
 
 

@@ -238,24 +238,28 @@ class Config(grpo.Config):
     model: str = arg("smollm2", "HL model: smollm2, Qwen2.5-0.5B, a hub id, or a folder (an SFT'd HL)")
     out: str = arg("runs/hl", "run folder (sft: the SFT'd HL is saved in OUT/hl)")
     holdout: str = arg("", "JSONL of problems never used in D_SFT (default: math500.jsonl beside --data, if any)")
-    max_context_tokens: int = arg(192, "HL budget per context (SFT targets longer than this are dropped)")
-    sft_steps: int = arg(60, "SFT steps")
-    sft_batch: int = arg(8, "SFT pairs per step")
-    sft_lr: float = arg(5e-5, "SFT learning rate")
-    sft_heldout: int = arg(32, "pairs held out for the printed SFT loss")
+    max_context_tokens: int = arg(192, "HL budget per context (SFT targets longer than this are dropped)", ge=1)
+    sft_steps: int = arg(60, "SFT steps", ge=1)
+    sft_batch: int = arg(8, "SFT pairs per step", ge=1)
+    sft_lr: float = arg(5e-5, "SFT learning rate", gt=0)
+    sft_heldout: int = arg(32, "pairs held out for the printed SFT loss", ge=0)
     ll_model: str = arg("smollm2", "train: the frozen LL that answers with the HL's contexts")
-    hl_group: int = arg(4, "G: contexts per problem in the HL update")
-    ll_answers: int = arg(2, "M: LL answers per context")
-    alpha: float = arg(0.1, "alpha: weight of the LL's mean token log-prob in R_HL (0 = task only)")
-    beta_hl: float = arg(0.04, "beta_HL: k3 KL to the frozen pi_SFT (0 = no SFT constraint)")
-    hl_temperature: float = arg(1.0, "HL sampling temperature (0 = greedy)")
+    hl_group: int = arg(4, "G: contexts per problem in the HL update", ge=2)
+    ll_answers: int = arg(2, "M: LL answers per context", ge=1)
+    alpha: float = arg(0.1, "alpha: weight of the LL's mean token log-prob in R_HL (0 = task only)", ge=0)
+    beta_hl: float = arg(0.04, "beta_HL: k3 KL to the frozen pi_SFT (0 = no SFT constraint)", ge=0)
+    hl_temperature: float = arg(1.0, "HL sampling temperature (0 = greedy)", ge=0)
     self_threshold: float = arg(0.9, "leakage guard: an HL example whose problem has a bag-of-words cosine >= this "
-                                     "with x (or the same normalised text) is no context (rule 1b)")
-    n_show: int = arg(4, "sample: contexts to print")
+                                     "with x (or the same normalised text) is no context (rule 1b)", gt=0, le=1)
+    n_show: int = arg(4, "sample: contexts to print", ge=1)
 
 
 def find_holdout(cfg):
-    """MATH-500 problems to keep out of D_SFT: --holdout, else math500.jsonl beside --data when it exists."""
+    """Problems to keep out of D_SFT: --holdout, else arith-test for --data arith, else math500.jsonl beside
+    --data when it exists (alternate.py passes its --eval-data problems instead)."""
+    if not cfg.holdout and cfg.data == "arith":
+        print("D_SFT excludes the problems of arith-test")
+        return grpo.load_problems("arith-test")
     path = cfg.holdout or (os.path.join(os.path.dirname(cfg.data), "math500.jsonl") if os.path.isfile(cfg.data) else "")
     if path and os.path.exists(path):
         print(f"D_SFT excludes the problems of {path}")
@@ -265,14 +269,15 @@ def find_holdout(cfg):
 
 
 def main(command, cfg):
-    out = grpo.start_run(cfg)
+    problems = grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed)  # the data first: a bad file stops early
+    holdout = find_holdout(cfg) if command == "sft" else []
+    out = grpo.start_run(cfg) if command != "sample" else cfg.out  # sample only prints: no run folder
     device = grpo.pick_device(cfg.device)
     model, tokenizer = grpo.load_model(cfg.model, device=device, trainable=command != "sample")
     model.eval()
     eos = grpo.eos_token_ids(model, tokenizer)
-    problems = grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed)
     if command == "sft":
-        pairs = build_sft_pairs(problems, find_holdout(cfg))
+        pairs = build_sft_pairs(problems, holdout)
         print(f"D_SFT: {len(pairs)} pairs, e.g.\n  x : {pairs[0][0]['problem'][:120]!r}\n  x': {pairs[0][1][0][:120]!r}")
         sft(model, tokenizer, pairs, cfg, tokenizer.eos_token_id)
         model.save_pretrained(os.path.join(out, "hl"))
@@ -290,7 +295,7 @@ def main(command, cfg):
               f"(greedy: --hl-temperature 0)")
     elif command == "train":
         sft_model = grpo.frozen_copy(model)  # pi_SFT: the HL as it was loaded, frozen
-        ll_model, _ = grpo.load_model(cfg.ll_model, device=device)
+        ll_model, _ = grpo.load_model(cfg.ll_model, device=device, flag="--ll-model")
         ll_model.eval().requires_grad_(False)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
         step = grpo.load_checkpoint(out, {"hl": model}, {"hl": optimizer}) if cfg.resume else 0
@@ -302,6 +307,10 @@ def main(command, cfg):
 
 
 if __name__ == "__main__":
+    usage = "usage: python hl_generator.py {sft,sample,train} [--flags]  (--help after the command lists the flags)"
+    if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help"):
+        print(__doc__ + "\n" + usage)
+        sys.exit(0)
     if len(sys.argv) < 2 or sys.argv[1] not in ("sft", "sample", "train"):
-        raise SystemExit("usage: python hl_generator.py {sft,sample,train} [--flags]  (--help after the command)")
+        raise SystemExit(usage)
     main(sys.argv[1], grpo.parse_config(Config, sys.argv[2:]))

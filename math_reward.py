@@ -22,7 +22,8 @@ How two answers are compared, in order (each step is a small function below):
 Deviations from the common MATH graders (Hendrycks' `is_equiv`, math-verify), numbered:
     1. Model text is never given to eval/exec/sympy: the evaluator below only knows arithmetic.
     2. Every call is bounded: answers over MAX_PARSE_CHARS are compared as strings only, lists over
-       MAX_ITEMS elements likewise, exponents are capped, nesting is capped (no RecursionError).
+       MAX_ITEMS elements likewise, exponents are capped, nesting is capped (no RecursionError), the exact
+       arithmetic of one comparison is capped in total (MAX_WORK_BITS), and normalisation is linear.
     3. `\\sqrt13` is read as sqrt(13) and `x^10` as x^(10) (what writers mean), while `\\frac12` is
        1/2 as in LaTeX. A run of two or more letters (`xy`, `cm`) is text, not a product.
 
@@ -37,6 +38,7 @@ MAX_PARSE_CHARS = 1000   # a longer answer is compared as a string only
 MAX_ITEMS = 50           # a longer list/tuple is compared as a string only
 MAX_DEPTH = 60           # nesting cap for the parser and for structures inside structures
 MAX_POW_BITS = 100_000   # cap on the size of an exact power (9^{9^{9^9}} is refused, not computed)
+MAX_WORK_BITS = 1_000_000  # cap on one comparison's exact arithmetic: the sum of every operation's operand bits
 POINTS = (0.5, 1.3, -0.7, 2.9, -1.9)  # where expressions with variables are compared
 
 # -----------------------------------------------------------------------------
@@ -99,23 +101,24 @@ _UNIT_WORD = re.compile(r"[A-Za-z]{2,}\.?(\^\{?[23]\}?)?")
 
 def _strip_units(s):
     """`5\\text{ cm}` -> `5`, `42 inches` -> `42`, `5.4 \\text{ cents}` -> `5.4`: words after a number."""
-    # a trailing \text{words} (optionally ^2) after something that holds a digit
-    while True:
-        m = None
-        for m in _TEXT_CMDS.finditer(s):
-            pass  # the last text command
-        if m is None:
-            break
+    # trailing \text{words} (optionally ^2) after something that holds a digit, last first; one pass over
+    # the text commands, each cut only moves `cut` left (no copy per command: linear in the length)
+    first_digit = next((i for i, ch in enumerate(s) if ch.isdigit()), len(s))
+    cut = len(s)
+    for m in reversed(list(_TEXT_CMDS.finditer(s))):
+        if m.start() >= cut:
+            continue  # inside a group already cut
         end = _brace_group(s, m.end() - 1)
-        if end < 0:
+        if end < 0 or end > cut:
             break
         inner = s[m.end():end - 1]
-        tail = s[end:].strip()
-        if (re.fullmatch(r"[A-Za-z .]*", inner) and inner.strip() and re.fullmatch(r"(\^\{?[23]\}?)?\.?", tail)
-                and any(ch.isdigit() for ch in s[:m.start()])):
-            s = s[:m.start()].rstrip()
-        else:
+        if not (re.fullmatch(r"[A-Za-z .]*", inner) and inner.strip()
+                and re.fullmatch(r"(\^\{?[23]\}?)?\.?", s[end:cut].strip()) and first_digit < m.start()):
             break
+        cut = m.start()
+        while cut > 0 and s[cut - 1].isspace():
+            cut -= 1
+    s = s[:cut]
     # plain trailing words of two or more letters after a number
     words = s.rstrip(".").split(" ")
     k = len(words)
@@ -338,6 +341,20 @@ def _variables(tree, out=None):
     return out
 
 
+class _Work:
+    """The exact arithmetic one is_equiv call may still do, in operand bits (MAX_WORK_BITS in all): a sum
+    of sixty capped powers, or a ratio of two such sums, is refused after a few operations, not computed."""
+
+    def __init__(self):
+        self.left = MAX_WORK_BITS
+
+    def spend(self, *values):
+        bits = sum(v.numerator.bit_length() + v.denominator.bit_length() for v in values if isinstance(v, Fraction))
+        if bits > self.left:
+            raise ParseError("too much exact arithmetic")
+        self.left -= bits
+
+
 def _power(base, exp):
     if isinstance(base, Fraction) and isinstance(exp, Fraction) and exp.denominator == 1:
         bits = max(base.numerator.bit_length(), base.denominator.bit_length(), 1)
@@ -361,16 +378,18 @@ def _root(x, n):
     return x ** (1.0 / n)
 
 
-def _evaluate(tree, env):
-    """Value of the tree: a Fraction while everything is rational, else a float."""
+def _evaluate(tree, env, work):
+    """Value of the tree: a Fraction while everything is rational, else a float. Every operation is paid
+    for from `work` (a _Work) before it runs."""
     kind = tree[0]
     if kind == "num":
         return tree[1]
     if kind == "var":
         return env[tree[1]]
     if kind == "neg":
-        return -_evaluate(tree[1], env)
-    a, b = _evaluate(tree[1], env), _evaluate(tree[2], env)
+        return -_evaluate(tree[1], env, work)
+    a, b = _evaluate(tree[1], env, work), _evaluate(tree[2], env, work)
+    work.spend(a, b)
     if kind == "+":
         return a + b
     if kind == "-":
@@ -382,7 +401,9 @@ def _evaluate(tree, env):
             raise ParseError("division by zero")
         return a / b
     if kind == "^":
-        return _power(a, b)
+        result = _power(a, b)
+        work.spend(result)
+        return result
     return _root(a, b)  # "root"
 
 
@@ -395,7 +416,7 @@ def _close(a, b):
     return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=1e-12)
 
 
-def _values_equal(a, b):
+def _values_equal(a, b, work):
     """Same value: exactly for constants, at POINTS for expressions in the same 1-3 variables."""
     try:
         ta, tb = parse_expression(a), parse_expression(b)
@@ -403,16 +424,16 @@ def _values_equal(a, b):
         if va != vb or len(va) > 3:
             return False
         if not va:
-            return _close(_evaluate(ta, {}), _evaluate(tb, {}))
+            return _close(_evaluate(ta, {}, work), _evaluate(tb, {}, work))
         agree = 0
         for k, x in enumerate(POINTS):
             env = {v: Fraction(x) + j for j, v in enumerate(sorted(va))}  # distinct values per variable
             try:
-                ya = _evaluate(ta, env)
+                ya = _evaluate(ta, env, work)
             except (ParseError, ArithmeticError, ValueError):
                 ya = None
             try:
-                yb = _evaluate(tb, env)
+                yb = _evaluate(tb, env, work)
             except (ParseError, ArithmeticError, ValueError):
                 yb = None
             if (ya is None) != (yb is None):
@@ -489,20 +510,20 @@ def _items(s):
     return out
 
 
-def _unordered_equal(xs, ys, depth):
+def _unordered_equal(xs, ys, depth, work):
     if len(xs) != len(ys):
         return False
     unused = list(ys)
     for x in xs:
-        hit = next((k for k, y in enumerate(unused) if _equiv(x, y, depth + 1)), None)
+        hit = next((k for k, y in enumerate(unused) if _equiv(x, y, work, depth + 1)), None)
         if hit is None:
             return False
         unused.pop(hit)
     return True
 
 
-def _equiv(a, b, depth=0):
-    """a, b normalised. Strings, then structures, then values."""
+def _equiv(a, b, work, depth=0):
+    """a, b normalised. Strings, then structures, then values; `work` bounds the arithmetic of the whole call."""
     if a == b:
         return True
     if not a or not b or depth > MAX_DEPTH:
@@ -512,36 +533,36 @@ def _equiv(a, b, depth=0):
     ma, mb = _matrix(a), _matrix(b)
     if ma is not None or mb is not None:
         return (ma is not None and mb is not None and len(ma) == len(mb)
-                and all(len(ra) == len(rb) and all(_equiv(x, y, depth + 1) for x, y in zip(ra, rb))
+                and all(len(ra) == len(rb) and all(_equiv(x, y, work, depth + 1) for x, y in zip(ra, rb))
                         for ra, rb in zip(ma, mb)))
     if "\\cup" in a or "\\cup" in b:  # unions of intervals, piece by piece in order
         pa, pb = _split_top(a, "\\cup"), _split_top(b, "\\cup")
-        return len(pa) == len(pb) and len(pa) > 1 and all(_equiv(x, y, depth + 1) for x, y in zip(pa, pb))
+        return len(pa) == len(pb) and len(pa) > 1 and all(_equiv(x, y, work, depth + 1) for x, y in zip(pa, pb))
     ea, eb = _enclosed(a), _enclosed(b)
     if ea and eb and ea[0] == eb[0] == "{":  # sets: any order
         xs, ys = _items(ea[1]), _items(eb[1])
-        return len(ys) <= MAX_ITEMS and _unordered_equal(xs, ys, depth)
+        return len(ys) <= MAX_ITEMS and _unordered_equal(xs, ys, depth, work)
     if ea and eb and (len(_split_top(ea[1])) > 1 or len(_split_top(eb[1])) > 1):  # tuples, intervals
         if (ea[0], ea[2]) != (eb[0], eb[2]):
             return False  # (1,2] != (1,2)
         xs, ys = _split_top(ea[1]), _split_top(eb[1])
-        return len(xs) == len(ys) <= MAX_ITEMS and all(_equiv(x, y, depth + 1) for x, y in zip(xs, ys))
+        return len(xs) == len(ys) <= MAX_ITEMS and all(_equiv(x, y, work, depth + 1) for x, y in zip(xs, ys))
     gold_items = _items(eb[1] if eb and eb[0] == "{" else b)
     if len(gold_items) > 1:  # the gold is a list of solutions: any order
         pred_items = _items(ea[1] if ea and ea[0] == "{" else a)
-        return len(gold_items) <= MAX_ITEMS and _unordered_equal(pred_items, gold_items, depth)
+        return len(gold_items) <= MAX_ITEMS and _unordered_equal(pred_items, gold_items, depth, work)
     if len(_items(a)) > 1:
         return False  # a list where one value is wanted
     if re.fullmatch(r"[A-Za-z]{2,}", a) and re.fullmatch(r"[A-Za-z]{2,}", b):
         return a.lower() == b.lower()  # words: Evelyn == evelyn (single letters stay case-sensitive)
-    return _values_equal(a, b)
+    return _values_equal(a, b, work)
 
 
 def is_equiv(pred, gold):
     """Whether two final answers (strings, e.g. boxed contents) are the same answer."""
     if pred is None or gold is None:
         return False
-    return _equiv(normalize_answer(pred), normalize_answer(gold))
+    return _equiv(normalize_answer(pred), normalize_answer(gold), _Work())
 
 
 def reward(response, gold):

@@ -184,6 +184,13 @@ HOSTILE = [
     "\\boxed{0.1^{-100000}}",
     "\\boxed{1e308*10}",
 ]
+PRIMES = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97, 101, 103]
+CAPPED = [f"1/{p}^{{{100_000 // p.bit_length()}}}" for p in PRIMES * 3]  # each power just under MAX_POW_BITS
+HEAVY = ["+".join(CAPPED[:60]),                                             # a sum of many capped powers (was 240 s)
+         "\\frac{" + "+".join(CAPPED[:12]) + "}{" + "+".join(CAPPED[:12]) + "+1}",  # a ratio of two sums (13 s)
+         "x^{2}+" + "+".join(CAPPED[:40]),                                  # the same at five points (94 s)
+         "5\\text{cm}" + "\\text{cm}" * 16_000]                            # a long run of unit words (60 s, quadratic)
+HOSTILE += ["\\boxed{" + h + "}" for h in HEAVY]
 
 
 @pytest.mark.parametrize("response", HOSTILE, ids=range(len(HOSTILE)))
@@ -194,6 +201,13 @@ def test_hostile_input_is_bounded(response):
         assert r in (0.0, 1.0)
         normalize_answer(response)
         assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize("answer", HEAVY, ids=range(len(HEAVY)))
+def test_heavy_arithmetic_is_bounded_in_total(answer):
+    start = time.perf_counter()
+    is_equiv(answer, answer + "+0")  # not the same string: the evaluator runs, within its work budget
+    assert time.perf_counter() - start < 2.0
 
 
 def test_hostile_text_is_only_text():
