@@ -91,9 +91,6 @@ class Config(hl_generator.Config, context_grpo.Config):
     ll_answers: int = arg(1, "M: LL answers per context in the HL update", ge=1)
     sft_steps: int = arg(20, "SFT steps for theta_0", ge=1)
     sft_batch: int = arg(4, "SFT pairs per step", ge=1)
-    prior: str = field(default="init", metadata={
-        "help": "q: init (frozen phi_0, shared with p_ref), base (--base-model), self (current LL, detached)",
-        "choices": ["init", "base", "self"]})
 
     def check(self):
         """Ranges, models, and contradictory flags (after --exp has filled in its defaults): one clear message
@@ -132,6 +129,19 @@ def hl_contexts(hl, tok, batch, n, cfg, idx, eos, purpose):
                                           self_threshold=cfg.self_threshold)
 
 
+def ll_contexts(hl, tok, batch, n, cfg, idx, eos, demos=None):
+    """The contexts of one LL step, n per problem: from the HL when there is one (parse rate and ctx_self in
+    the stats), else ICPO's random training demonstrations (`demos`, a context source), else none.
+    Returns (contexts, stats)."""
+    if hl is not None:
+        contexts, _, _, stats = hl_contexts(hl, tok, batch, n, cfg, idx, eos, "demo" if demos else "ctx")
+    else:
+        contexts, stats = demos(batch, n, idx) if demos else [[None] * n for _ in batch], {}
+    if demos:  # ll_step fits its own contexts to --max-prompt-tokens; ICPO's demonstrations are fitted here
+        contexts = context_grpo.fit_contexts(tok, batch, contexts, cfg.max_prompt_tokens)[0]
+    return contexts, stats
+
+
 def joint_step(ll, ref, prior, hl, sft_model, ll_opt, hl_opt, tok, batch, cfg, idx, eos):
     """The --joint ablation: contexts sampled once; LL updated on its rollouts with them (§3.2, §4); HL
     updated on R_HL of the same rollouts, one answer per context (§5)."""
@@ -139,8 +149,7 @@ def joint_step(ll, ref, prior, hl, sft_model, ll_opt, hl_opt, tok, batch, cfg, i
     record, roll = context_grpo.ll_step(ll, ref, prior, ll_opt, tok, batch, ctx, cfg, idx, eos)
     logp, mask = grpo.pad_completions(roll["sampler_logp"], value=0.0)
     r_hl = hl_generator.hl_reward(roll["acc"] + cfg.format_bonus * roll["wrote_box"], logp, mask, cfg.alpha)
-    hl_stats = hl_generator.hl_update(hl, sft_model, hl_opt, hl_prompts, hl_comps, r_hl,
-                                      replace(cfg, hl_group=cfg.group_size))
+    hl_stats = hl_generator.hl_update(hl, sft_model, hl_opt, hl_prompts, hl_comps, r_hl, cfg, cfg.group_size)
     record.update({f"hl_{k}": v for k, v in hl_stats.items()}, hl_reward=r_hl.mean().item(), **ctx_stats)
     return record, roll
 
@@ -233,16 +242,13 @@ def main(cfg):
             batch = [problems[i] for i in grpo.batch_indices(len(problems), cfg.batch_problems, idx, cfg.seed)]
             if cfg.joint:
                 record, roll = joint_step(ll, ref, prior, hl, sft_model, ll_opt, hl_opt, tok, batch, cfg, idx, eos)
-            elif cfg.icpo:  # the HL's contexts as the demonstrations (random training examples without an HL)
-                demos, _, _, ctx_stats = (hl_contexts(hl, tok, batch, cfg.n_off, cfg, idx, eos, "demo") if train_ctx
-                                          else (random_demos(batch, cfg.n_off, idx), None, None, {}))
-                demos = context_grpo.fit_contexts(tok, batch, demos, cfg.max_prompt_tokens)[0]
+            elif cfg.icpo:  # n_off demonstrations per problem, sampled with, trained without (§7)
+                demos, ctx_stats = ll_contexts(hl if train_ctx else None, tok, batch, cfg.n_off, cfg, idx, eos,
+                                               random_demos)
                 record, roll = context_grpo.icpo_step(ll, ref, ll_opt, tok, batch, demos, cfg, idx, eos)
                 record.update(ctx_stats)
-            else:
-                contexts, ctx_stats = [[None] * cfg.group_size for _ in batch], {}
-                if train_ctx:  # each rollout its own context c_i ~ pi_theta(. | x)
-                    contexts, _, _, ctx_stats = hl_contexts(hl, tok, batch, cfg.group_size, cfg, idx, eos, "ctx")
+            else:  # each rollout its own context c_i ~ pi_theta(. | x), or none
+                contexts, ctx_stats = ll_contexts(hl if train_ctx else None, tok, batch, cfg.group_size, cfg, idx, eos)
                 record, roll = context_grpo.ll_step(ll, ref, prior, ll_opt, tok, batch, contexts, cfg, idx, eos)
                 record.update(ctx_stats)
             done += 1

@@ -13,7 +13,7 @@ HICRL's LL (§3.2, §4): each rollout i of x has its own context c_i and y_i ~ p
 
 (utilization_reward: the per-token mean of the log-ratio by default, --util-reduce sum for the sum;
 symmetric clip; no gradient: it is a reward) and standard GRPO on r_i, with the log-probs and the KL
-to p_ref both taken WITH the context (grpo.grpo_step). q is the frozen initial LL (`init`, the very same
+to p_ref both taken WITH the context (ll_step). q is the frozen initial LL (`init`, the very same
 frozen module as p_ref), the pretrained base model (`base`), or the current LL without context (`self`).
 
 ICPO (§7; arXiv 2510.26519): per problem, G on-policy rollouts y ~ p(. | x) and n_off "implicit expert
@@ -43,10 +43,9 @@ import numpy as np
 import torch
 
 import grpo
-from math_reward import is_equiv
-from grpo import (arg, as_example, clipped_surrogate, encode, format_context, format_prompt, generate,
-                  group_advantages, kl_penalty, masked_mean, nearest_neighbours, normalize_text, pad_completions,
-                  parse_config, policy_update, restates, score, sequence_logprobs, stream_seed)
+from grpo import (arg, as_example, encode, format_context, format_prompt, generate, group_advantages,
+                  nearest_neighbours, normalize_text, pad_completions, parse_config, policy_update, restates, score,
+                  sequence_logprobs, stream_seed)
 
 # -----------------------------------------------------------------------------
 # context sources: retrieved neighbours (TF-IDF, numpy only), random examples, none
@@ -102,46 +101,51 @@ def utilization_reward(logp_ctx, logp_prior, mask, tau, reduce="mean"):
         return u.clamp(-tau, tau)
 
 
-def utilization_shaping(prior, tokenizer, batch, contexts, cfg):
-    """The shaping hook for grpo.grpo_step: lambda * U~ per rollout, with log p_phi the sampler's own
-    log-prob of y_i under (x, c_i) and log q one forward pass of the prior on (x without c, y_i).
-    A rollout without a context gets no utilisation term: U is defined for a context (§4); without one
-    the log-ratio would only measure the LL's drift from q, and rewarding that is not the method."""
+def utilisation(prior, tokenizer, batch, contexts, completions, sampler_logp, cfg):
+    """U~_i for every rollout (B*G,), with log p_phi the sampler's own log-prob of y_i under (x, c_i) and
+    log q one forward pass of the prior on (x without c, y_i); and its statistics. A rollout without a
+    context gets U~ = 0: U is defined for a context (§4); without one the log-ratio would only measure the
+    LL's drift from q, and rewarding that is not the method."""
     has = torch.tensor([c is not None for cs in contexts for c in cs])      # (B*G,)
-
-    def shaping(prompt_ids, completions, sampler_logp):
-        if not has.any():
-            return torch.zeros(len(has)), {}
-        rows = has.nonzero().squeeze(1).tolist()
-        plain = [encode(tokenizer, format_prompt(tokenizer, p["problem"])) for p in batch]  # x without c
-        lp_ctx, mask = pad_completions([sampler_logp[i] for i in rows], value=0.0)
-        with torch.no_grad():
-            lp_q, _ = sequence_logprobs(prior, [plain[i // cfg.group_size] for i in rows],
-                                        [completions[i] for i in rows], cfg.temperature)
-        u = utilization_reward(lp_ctx, lp_q.cpu(), mask, cfg.tau, cfg.util_reduce)
-        bonus = torch.zeros(len(has)).index_copy(0, torch.tensor(rows), cfg.lam * u)
-        stats = {"util": u.mean().item(), "util_std": u.std(unbiased=False).item(),
-                 "util_clip": (u.abs() >= cfg.tau).float().mean().item()}
-        return bonus, stats
-    return shaping
+    if not has.any():
+        return torch.zeros(len(has)), {}
+    rows = has.nonzero().squeeze(1).tolist()
+    plain = [encode(tokenizer, format_prompt(tokenizer, p["problem"])) for p in batch]  # x without c
+    lp_ctx, mask = pad_completions([sampler_logp[i] for i in rows], value=0.0)
+    with torch.no_grad():
+        lp_q, _ = sequence_logprobs(prior, [plain[i // cfg.group_size] for i in rows],
+                                    [completions[i] for i in rows], cfg.temperature)
+    u = utilization_reward(lp_ctx, lp_q.cpu(), mask, cfg.tau, cfg.util_reduce)
+    stats = {"util": u.mean().item(), "util_std": u.std(unbiased=False).item(),
+             "util_clip": (u.abs() >= cfg.tau).float().mean().item()}
+    return torch.zeros(len(has)).index_copy(0, torch.tensor(rows), u), stats
 
 
 def ll_step(model, ref_model, prior, optimizer, tokenizer, batch, contexts, cfg, step, eos):
     """One LL update of HICRL (§3.2 + §4): rollouts with contexts, r = R_task + lambda * U~, GRPO.
     With lambda = 0 the rewards, advantages and loss are exactly grpo.grpo_step's on the same rollouts."""
     contexts, dropped = fit_contexts(tokenizer, batch, contexts, cfg.max_prompt_tokens)
-    shaping = utilization_shaping(prior, tokenizer, batch, contexts, cfg)
-    record, roll = grpo.grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, contexts, shaping)
+    # 1-2. rollouts y_i ~ p_phi(. | x, c_i) and R_task (+ the format bonus)
+    roll = grpo.rollouts(model, tokenizer, batch, contexts, cfg, step, eos)
+    # 3. the utilisation term and the shaped reward (§4.4), then group advantages
+    u, util_stats = utilisation(prior, tokenizer, batch, contexts, roll["completions"], roll["sampler_logp"], cfg)
+    rewards = roll["rewards"] + cfg.lam * u                                  # r_i = R_task + lambda * U~_i
+    adv = group_advantages(rewards, cfg.group_size, cfg.scale_by_std)
+    # 4. policy update: log-probs and KL to p_ref WITH the context (§3.2)
+    t1 = time.time()
+    stats = policy_update(model, ref_model, optimizer, roll["prompt_ids"], roll["completions"], adv, cfg,
+                          cfg.beta, cfg.max_new_tokens, cfg.temperature)
+    record = grpo.step_record(step, roll, rewards, stats, time.time() - t1, eos, cfg.group_size, ref_model)
+    # 5. what the contexts were: how many, how long, how often they carried x's own answer (leakage)
     given = [c for cs in contexts for c in cs if c is not None]
     has = torch.tensor([c is not None for cs in contexts for c in cs])
-    record["acc_ctx"] = roll["acc"][has].mean().item() if has.any() else float("nan")  # rollouts that had one
-    record["ctx_len"] = (sum(len(encode(tokenizer, format_context(c))) for c in given) / len(given)) if given else 0.0
-    record["ctx_frac"] = len(given) / (len(batch) * cfg.group_size)
-    record["ctx_dropped"] = dropped
-    # leakage, measured beside the accuracy: contexts whose boxed answer is x's own answer
-    leaks = [is_equiv(grpo.extract_boxed(c[1]) or "", p["answer"]) for p, cs in zip(batch, contexts) for c in cs if c]
-    record["ctx_has_answer"] = sum(leaks) / len(leaks) if leaks else float("nan")
-    roll["context"] = contexts[0][0]
+    leaks = [grpo.carries_answer(c, p["answer"]) for p, cs in zip(batch, contexts) for c in cs if c]
+    record.update(util_stats, reward_task=roll["rewards"].mean().item(),
+                  acc_ctx=roll["acc"][has].mean().item() if has.any() else float("nan"),  # rollouts that had one
+                  ctx_len=(sum(len(encode(tokenizer, format_context(c))) for c in given) / len(given)) if given else 0.0,
+                  ctx_frac=len(given) / (len(batch) * cfg.group_size), ctx_dropped=dropped,
+                  ctx_has_answer=sum(leaks) / len(leaks) if leaks else float("nan"))
+    roll.update(rewards=rewards, context=contexts[0][0])  # the shaped rewards, and a context for the sample log
     return record, roll
 
 
@@ -184,19 +188,10 @@ def errs_merge(off_problem, off_correct, n_problems, group_size):
 
 
 def icpo_loss(logp, old_logp, ref_logp, advantages, mask, is_off, clip_eps, beta, gamma, norm="seq", max_len=None):
-    """ICPO's mixed loss, per token: on-policy rows the clipped surrogate (grpo_loss); IEF rows the unclipped
-    shaping term -A * f(p), f(p) = p / (p + gamma), p = exp(logp) (gradient -A * gamma p / (p+gamma)^2 * grad log p);
-    plus beta * k3 KL on every row. is_off: (N,) bool. `pg_loss` logs the policy term alone."""
-    clipped, ratio = clipped_surrogate(logp, old_logp, advantages, clip_eps)
-    p = logp.exp()
-    shaped = -advantages[:, None] * p / (p + gamma)
-    per_token = torch.where(is_off[:, None], shaped, clipped)                # (N, T)
-    loss, kl = kl_penalty(per_token, logp, ref_logp, mask, beta, norm, max_len)
-    with torch.no_grad():
-        on = (~is_off)[:, None] * mask
-        stats = {"kl": kl, "pg_loss": masked_mean(per_token, mask, norm, max_len).item(),
-                 "clip_frac": ((((ratio - 1).abs() > clip_eps).float() * on).sum() / on.sum().clamp(min=1)).item()}
-    return loss, stats
+    """ICPO's mixed loss (§7), per token: on-policy rows the clipped surrogate; IEF rows (is_off, (N,) bool) the
+    unclipped shaping term -A * f(p), f(p) = p / (p + gamma), p = exp(logp); plus beta * k3 KL on every row.
+    It is grpo.grpo_loss with the is_off mask (written there, beside the surrogate it replaces)."""
+    return grpo.grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta, norm, max_len, is_off, gamma)
 
 
 def icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, step, eos):
@@ -217,39 +212,34 @@ def icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, step, e
     n_sampled = sum(len(c) for c in completions)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     golds = [p["answer"] for p in batch for _ in range(G)] + [batch[b]["answer"] for b in off_problem]
-    rewards_all, acc_all, boxed_all, _ = score(texts, golds, cfg.format_bonus)
+    rewards_all, acc_all, boxed_all, wrote_all = score(texts, golds, cfg.format_bonus)
     # 1. ERRS: a correct IEF rollout replaces an on-policy row of its own problem's group
     replace, rejected = errs_merge(off_problem, [a >= cfg.delta for a in acc_all[B * G:].tolist()], B, G)
     src = list(range(B * G))                                                  # row -> index into the sampled rows
     for row, j in replace.items():
         src[row] = B * G + j
     completions, texts = [completions[i] for i in src], [texts[i] for i in src]
-    acc, boxed = acc_all[src], boxed_all[src]
+    acc, boxed, wrote = acc_all[src], boxed_all[src], wrote_all[src]
     is_off = torch.tensor([i >= B * G for i in src])                          # (B*G,)
     # 2. rewards with the annealed expert bonus on accepted IEF rows
     bonus = expert_bonus(cfg.icpo_bonus, step, cfg.steps)
     rewards = rewards_all[src] + bonus * is_off.float()
     # 3. advantages over the mixed group, (r - mean) / std
     adv = group_advantages(rewards, G, scale_by_std=True)
-    # 4. update: every row's log-probs WITHOUT the demonstration, the ICPO loss
+    # 4. update: every row's log-probs WITHOUT the demonstration, the ICPO loss (grpo_loss with is_off)
     train_prompts = [plain[b] for b in range(B) for _ in range(G)]
     t1 = time.time()
-    loss_fn = lambda lp, old, ref, a, mask, r: icpo_loss(  # noqa: E731
-        lp, old, ref, a, mask, is_off[r].to(lp.device), cfg.clip_eps, cfg.beta, cfg.gamma, cfg.loss_norm,
-        cfg.max_new_tokens)
-    stats = policy_update(model, ref_model, optimizer, train_prompts, completions, adv, cfg, loss_fn)
-    t_train = time.time() - t1
-    n_tok = sum(len(c) for c in completions)
-    n_demos = sum(len(ds) for ds in demos)
-    record = {"step": step + 1, "reward": rewards.mean().item(), "acc": acc.mean().item(), "boxed": boxed.mean().item(),
-              "acc_on": acc_all[:B * G].mean().item(),
-              "acc_ief": acc_all[B * G:].mean().item() if off_problem else float("nan"),
-              "accepted": len(replace), "rejected": rejected, "demo_missing": n_demos - len(off_problem),
-              "bonus": bonus, **grpo.rollout_stats(completions, eos),
-              "zero_var": grpo.zero_variance_fraction(rewards, G), **stats,
-              "sample_tok_s": n_sampled / t_sample,
-              "train_tok_s": n_tok / t_train, "peak_mem_gb": grpo.peak_memory_gb(), "time": time.time() - t0}
-    return record, {"texts": texts, "rewards": rewards, "context": demos[0][0] if demos and demos[0] else None}
+    stats = policy_update(model, ref_model, optimizer, train_prompts, completions, adv, cfg, cfg.beta,
+                          cfg.max_new_tokens, cfg.temperature, is_off=is_off, gamma=cfg.gamma)
+    roll = {"prompt_ids": train_prompts, "completions": completions, "texts": texts, "acc": acc, "boxed": boxed,
+            "wrote_box": wrote, "rewards": rewards, "t0": t0, "t_sample": t_sample,
+            "context": demos[0][0] if demos and demos[0] else None}
+    record = grpo.step_record(step, roll, rewards, stats, time.time() - t1, eos, G, ref_model)
+    record.update(acc_on=acc_all[:B * G].mean().item(),
+                  acc_ief=acc_all[B * G:].mean().item() if off_problem else float("nan"),
+                  accepted=len(replace), rejected=rejected, demo_missing=sum(map(len, demos)) - len(off_problem),
+                  bonus=bonus, sample_tok_s=n_sampled / t_sample)  # every sampled row, rejected IEF ones too
+    return record, roll
 
 # -----------------------------------------------------------------------------
 # the LL alone with a context source

@@ -28,7 +28,7 @@ import torch
 import grpo
 from grpo import arg, encode, format_context, format_prompt, generate, stream_seed
 from hl_generator import generate_contexts, parse_context
-from math_reward import extract_boxed, is_equiv, reward
+from math_reward import extract_boxed, reward
 
 
 def wilson_interval(k, n, z=1.96):
@@ -82,7 +82,7 @@ def evaluate(ll_model, tokenizer, problems, eos, hl_model=None, samples=1, tempe
                             "problem": p["problem"], "answer": p["answer"],
                             "hl_output": hl_text, "context": format_context(c) if c else None,
                             "context_parsed": c is not None or restated, "ctx_self": restated,
-                            "ctx_has_answer": c is not None and is_equiv(extract_boxed(c[1]) or "", p["answer"]),
+                            "ctx_has_answer": grpo.carries_answer(c, p["answer"]),
                             "responses": responses, "extracted": [extract_boxed(r) for r in responses],
                             "verdicts": verdicts, "score": sum(verdicts) / samples})
         done = len(records)

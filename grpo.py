@@ -15,7 +15,7 @@ with p_ref = the frozen initial model. At one update per batch rho = 1 and the g
 sum_i A_i grad log p_phi(y_i|x) (tests/test_grpo.py checks it against that formula).
 
 Everything later files reuse lives here: load_model, load_problems, format_prompt, generate,
-sequence_logprobs, group_advantages, k3_kl, grpo_loss, policy_update, and the run helpers
+sequence_logprobs, group_advantages, k3_kl, grpo_loss, policy_update, rollouts, and the run helpers
 (config flags, metrics, checkpoints, resume).
 
 Deviations from GRPO as published (DeepSeekMath), numbered:
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from math_reward import extract_boxed, reward as task_reward
+from math_reward import extract_boxed, is_equiv, reward as task_reward
 
 # -----------------------------------------------------------------------------
 # models
@@ -350,6 +350,12 @@ def as_example(problem):
     return problem["problem"], problem.get("solution") or f"The answer is $\\boxed{{{problem['answer']}}}$."
 
 
+def carries_answer(context, answer):
+    """Does a context (x', y') carry x's own answer in its box? The leakage measured beside every accuracy
+    with a context: a right answer after such a context may be a copy."""
+    return context is not None and is_equiv(extract_boxed(context[1]) or "", answer)
+
+
 def holdout_filter(holdout_problems):
     """A predicate: is this problem one of the held-out (evaluation) problems, by unique_id or by text?"""
     ids = {p.get("unique_id") for p in holdout_problems} - {None}
@@ -590,54 +596,49 @@ def masked_mean(x, mask, norm="seq", max_len=None):
     return (x * mask).sum() / (mask.shape[0] * (max_len or mask.shape[1]))
 
 
-def clipped_surrogate(logp, old_logp, advantages, clip_eps):
-    """Per token: -min(rho * A, clip(rho, 1-eps, 1+eps) * A), rho = exp(logp - old_logp). Returns (loss, rho)."""
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0, norm="seq", max_len=None,
+              is_off=None, gamma=0.1):
+    """The GRPO loss of DESIGN §3.1, term by term; with is_off (N,) bool, ICPO's mixed loss of §7 (IEF rows
+    take the unclipped shaping term instead of the clipped surrogate). logp, old_logp, ref_logp, mask:
+    (N, T); advantages: (N,). Returns (loss, stats)."""
     A = advantages[:, None]                                                  # (N, 1)
-    ratio = (logp - old_logp).exp()                                          # (N, T)
-    return -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A), ratio
-
-
-def kl_penalty(per_token, logp, ref_logp, mask, beta, norm, max_len):
-    """per_token + beta * k3(logp, ref_logp) (no term without a reference or at beta = 0), then masked_mean.
-    Returns (loss, mean k3 over the completion tokens)."""
-    kl = torch.zeros_like(logp) if ref_logp is None else k3_kl(logp, ref_logp)
-    if beta and ref_logp is not None:
-        per_token = per_token + beta * kl
+    ratio = (logp - old_logp).exp()                                          # rho_t, (N, T)
+    surr1 = ratio * A                                                        # rho A
+    surr2 = ratio.clamp(1 - clip_eps, 1 + clip_eps) * A                      # clip(rho, 1-eps, 1+eps) A
+    policy = -torch.min(surr1, surr2)                                        # the clipped surrogate, per token
+    if is_off is not None:  # ICPO: -A f(p), f(p) = p / (p + gamma); gradient -A gamma p / (p+gamma)^2 grad log p
+        p = logp.exp()
+        policy = torch.where(is_off[:, None], -A * p / (p + gamma), policy)
+    kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)  # k3 to p_ref, (N, T)
+    per_token = policy + beta * kl if beta and ref_logp is not None else policy
+    loss = masked_mean(per_token, mask, norm, max_len)                       # the one normalisation (--loss-norm)
     with torch.no_grad():
-        kl_mean = ((kl * mask).sum() / mask.sum().clamp(min=1)).item()
-    return masked_mean(per_token, mask, norm, max_len), kl_mean
-
-
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0, norm="seq", max_len=None):
-    """The GRPO loss: clipped surrogate plus beta * k3 KL, per token, normalised by masked_mean.
-    logp, old_logp, ref_logp, mask: (N, T); advantages: (N,). Returns (loss, stats)."""
-    pg, ratio = clipped_surrogate(logp, old_logp, advantages, clip_eps)
-    loss, kl = kl_penalty(pg, logp, ref_logp, mask, beta, norm, max_len)
-    with torch.no_grad():
+        on = mask if is_off is None else (~is_off)[:, None] * mask           # clipping applies to on-policy rows
         clipped = ((ratio - 1).abs() > clip_eps).float()
-        stats = {"kl": kl, "clip_frac": ((clipped * mask).sum() / mask.sum().clamp(min=1)).item(),
-                 "pg_loss": masked_mean(pg, mask, norm, max_len).item()}
+        stats = {"kl": ((kl * mask).sum() / mask.sum().clamp(min=1)).item(),
+                 "clip_frac": ((clipped * on).sum() / on.sum().clamp(min=1)).item(),
+                 "pg_loss": masked_mean(policy, mask, norm, max_len).item()}
     return loss, stats
 
 
-def policy_update(model, ref_model, optimizer, prompt_ids, completion_ids, advantages, cfg, loss_fn=None):
-    """cfg.updates optimiser steps of the clipped loss on these rollouts, cfg.micro_batch rows at a time
-    (gradients accumulated, so the result does not depend on the micro-batch size). The old log-probs
-    are the current ones (detached) at one update, recomputed once before the first update otherwise.
-    loss_fn(logp, old, ref, adv, mask, rows) -> (loss, stats) replaces grpo_loss (ICPO does).
-    Returns the statistics of the last update, averaged over micro-batches."""
+def policy_update(model, ref_model, optimizer, prompt_ids, completion_ids, advantages, cfg, beta, max_len,
+                  temperature, is_off=None, gamma=0.1):
+    """cfg.updates optimiser steps of grpo_loss on these rollouts, cfg.micro_batch rows at a time (gradients
+    accumulated, so the result does not depend on the micro-batch size). The old log-probs are the current
+    ones (detached) at one update, recomputed once before the first update otherwise. beta, max_len and
+    temperature are the level's own (the LL's, or the HL's: beta_HL, its context budget, its temperature);
+    is_off and gamma make it ICPO's loss. Returns the statistics of the last update, averaged over
+    micro-batches."""
     N = len(prompt_ids)
     mb = cfg.micro_batch or N
     chunks = [list(range(s, min(s + mb, N))) for s in range(0, N, mb)]
-    loss_fn = loss_fn or (lambda lp, old, ref, adv, mask, rows: grpo_loss(
-        lp, old, ref, adv, mask, cfg.clip_eps, cfg.beta, cfg.loss_norm, cfg.max_new_tokens))
 
     def logprobs(net, rows):
         return sequence_logprobs(net, [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows],
-                                 cfg.temperature)[0]
+                                 temperature)[0]
 
     with torch.no_grad():
-        ref = [logprobs(ref_model, rows) if ref_model is not None and cfg.beta else None for rows in chunks]
+        ref = [logprobs(ref_model, rows) if ref_model is not None and beta else None for rows in chunks]
         old = [logprobs(model, rows) for rows in chunks] if cfg.updates > 1 else None
     model.train()
     stats = {}
@@ -646,9 +647,10 @@ def policy_update(model, ref_model, optimizer, prompt_ids, completion_ids, advan
         sums = {}
         for k, rows in enumerate(chunks):
             lp, mask = sequence_logprobs(model, [prompt_ids[i] for i in rows],
-                                         [completion_ids[i] for i in rows], cfg.temperature)
+                                         [completion_ids[i] for i in rows], temperature)
             old_lp = old[k] if old is not None else lp.detach()
-            loss, st = loss_fn(lp, old_lp, ref[k], advantages[rows].to(lp.device), mask, rows)
+            loss, st = grpo_loss(lp, old_lp, ref[k], advantages[rows].to(lp.device), mask, cfg.clip_eps, beta,
+                                 cfg.loss_norm, max_len, None if is_off is None else is_off[rows].to(lp.device), gamma)
             (loss * len(rows) / N).backward()  # weight each micro-batch by its rows: the mean over all N
             st["loss"] = loss.item()
             for key, v in st.items():
@@ -955,14 +957,12 @@ def score(texts, golds, format_bonus=0.0):
     return acc + format_bonus * wrote, acc, boxed, wrote
 
 
-def grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, contexts=None, shaping=None):
-    """One GRPO step on B problems: rollouts, rewards, advantages, update. Returns (record, rollouts).
-    contexts: per problem, G contexts (c_i of DESIGN §3.2; None = no context, plain GRPO). shaping(prompt_ids,
-    completions, sampler_logprobs) -> (extra reward per row, stats) adds a term to the reward (context_grpo's
-    utilisation); without it the reward is R_task (+ the format bonus)."""
+def rollouts(model, tokenizer, batch, contexts, cfg, step, eos):
+    """Steps 1-2 of a GRPO step: G samples of each of B problems, y_i ~ p_phi(. | x, c_i) (contexts: per
+    problem, G contexts, c_i of DESIGN §3.2; None = no context), decoded and scored by R_task (+ the format
+    bonus). Returns a dict of (B*G)-row lists and tensors, problem-major."""
     G = cfg.group_size
     t0 = time.time()
-    # 1. rollouts: G samples of each of B problems, y_i ~ p_phi(. | x, c_i)
     contexts = contexts or [[None] * G for _ in batch]
     prompt_ids = [encode(tokenizer, format_prompt(tokenizer, p["problem"], c))
                   for p, cs in zip(batch, contexts) for c in cs]              # (B*G) rows, problem-major
@@ -970,29 +970,35 @@ def grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, con
                                          seed=stream_seed(cfg.seed, "ll", step))
     t_sample = time.time() - t0
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    # 2. rewards: R_task (+ format bonus) (+ shaping)
     rewards, acc, boxed, wrote = score(texts, [p["answer"] for p in batch for _ in range(G)], cfg.format_bonus)
-    extra = {}
-    if shaping is not None:
-        bonus, extra = shaping(prompt_ids, completions, sampler_logp)
-        extra["reward_task"] = rewards.mean().item()
-        rewards = rewards + bonus
+    return {"contexts": contexts, "prompt_ids": prompt_ids, "completions": completions, "sampler_logp": sampler_logp,
+            "texts": texts, "rewards": rewards, "acc": acc, "boxed": boxed, "wrote_box": wrote, "t0": t0,
+            "t_sample": t_sample}
+
+
+def step_record(step, roll, rewards, stats, t_train, eos, group_size, with_ref):
+    """The log record of one LL step: rewards, accuracy, lengths, the update's statistics, throughput."""
+    n_tok = sum(len(c) for c in roll["completions"])
+    return {"step": step + 1, "reward": rewards.mean().item(), "acc": roll["acc"].mean().item(),
+            "boxed": roll["boxed"].mean().item(), "wrote_box": roll["wrote_box"].mean().item(),
+            **rollout_stats(roll["completions"], eos), "zero_var": zero_variance_fraction(rewards, group_size), **stats,
+            "sample_tok_s": n_tok / roll["t_sample"],
+            "train_tok_s": (n_tok + sum(len(p) for p in roll["prompt_ids"])) * (2 if with_ref else 1) / t_train,
+            "peak_mem_gb": peak_memory_gb(), "time": time.time() - roll["t0"]}
+
+
+def grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, contexts=None):
+    """One GRPO step on B problems (experiment 1; with contexts, §3.2 without the utilisation term).
+    Returns (record, rollouts)."""
+    # 1-2. rollouts and rewards: R_task (+ the format bonus)
+    roll = rollouts(model, tokenizer, batch, contexts, cfg, step, eos)
     # 3. advantages
-    adv = group_advantages(rewards, G, cfg.scale_by_std)
+    adv = group_advantages(roll["rewards"], cfg.group_size, cfg.scale_by_std)
     # 4. policy update: log-probs and KL to p_ref with the same prompts (so WITH the context, §3.2)
     t1 = time.time()
-    stats = policy_update(model, ref_model, optimizer, prompt_ids, completions, adv, cfg)
-    t_train = time.time() - t1
-    n_tok = sum(len(c) for c in completions)
-    record = {"step": step + 1, "reward": rewards.mean().item(), "acc": acc.mean().item(),
-              "boxed": boxed.mean().item(), "wrote_box": wrote.mean().item(),
-              **rollout_stats(completions, eos),
-              "zero_var": zero_variance_fraction(rewards, G), **stats, **extra,
-              "sample_tok_s": n_tok / t_sample,
-              "train_tok_s": (n_tok + sum(len(p) for p in prompt_ids)) * (2 if ref_model else 1) / t_train,
-              "peak_mem_gb": peak_memory_gb(), "time": time.time() - t0}
-    return record, {"texts": texts, "rewards": rewards, "acc": acc, "wrote_box": wrote, "prompt_ids": prompt_ids,
-                    "completions": completions, "sampler_logp": sampler_logp}
+    stats = policy_update(model, ref_model, optimizer, roll["prompt_ids"], roll["completions"], adv, cfg,
+                          cfg.beta, cfg.max_new_tokens, cfg.temperature)
+    return step_record(step, roll, roll["rewards"], stats, time.time() - t1, eos, cfg.group_size, ref_model), roll
 
 
 def print_record(prefix, r, total):

@@ -37,13 +37,13 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
 import grpo
 from grpo import (arg, as_example, encode, format_context, format_prompt, generate, group_advantages, holdout_filter,
                   nearest_neighbours, restates, score, sequence_logprobs, stream_seed)
+from math_reward import extract_boxed
 
 # -----------------------------------------------------------------------------
 # §5.3 the HL's prompt, its output format, D_SFT
@@ -76,7 +76,7 @@ def parse_context(text, problem=None, self_threshold=0.9):
     if s is None:
         return None
     example, solution = text[p.end():s.start()].strip(" *\n\t"), text[s.end():].strip(" *\n\t")
-    if not example or not solution or grpo.extract_boxed(solution) is None:
+    if not example or not solution or extract_boxed(solution) is None:
         return None
     if problem is not None and restates(example, problem, self_threshold):
         return None
@@ -185,15 +185,13 @@ def hl_reward(task_rewards, ll_logprobs, mask, alpha):
     return task_rewards + alpha * mean_logp
 
 
-def hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, cfg):
-    """§5.2: advantages of R_HL over the G contexts of each problem (cfg.hl_group), then the clipped
-    surrogate on the context tokens plus beta_HL * k3 KL to the frozen pi_SFT (none when beta_HL = 0)."""
-    adv = group_advantages(r_hl, cfg.hl_group, cfg.scale_by_std)
-    update_cfg = SimpleNamespace(micro_batch=cfg.micro_batch, updates=cfg.updates, clip_eps=cfg.clip_eps,
-                                 beta=cfg.beta_hl, loss_norm=cfg.loss_norm, max_new_tokens=cfg.max_context_tokens,
-                                 temperature=cfg.hl_temperature or 1.0, grad_clip=cfg.grad_clip)
+def hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, cfg, group):
+    """§5.2: advantages of R_HL over the `group` contexts of each problem, then the clipped surrogate on the
+    context tokens plus beta_HL * k3 KL to the frozen pi_SFT (none when beta_HL = 0), at the HL's budget and
+    temperature (never greedy: the contexts were sampled)."""
+    adv = group_advantages(r_hl, group, cfg.scale_by_std)
     return grpo.policy_update(hl_model, sft_model if cfg.beta_hl else None, optimizer, hl_prompts, hl_completions,
-                              adv, update_cfg)
+                              adv, cfg, cfg.beta_hl, cfg.max_context_tokens, cfg.hl_temperature or 1.0)
 
 
 def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, step, eos):
@@ -219,7 +217,7 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
     # 3. R_HL per answer, averaged over each context's M answers -> (B*G,)
     r_hl = hl_reward(r_task, logp, mask, cfg.alpha).view(-1, M).mean(1)
     # 4-5. group advantages over the G contexts, the update of pi_theta with the KL to the frozen pi_SFT
-    stats = hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, cfg)
+    stats = hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, cfg, G)
     record = {"step": step + 1, "reward": r_hl.mean().item(), "acc": acc.mean().item(), "boxed": boxed.mean().item(),
               **ctx_stats, "ctx_len": sum(len(c) for c in hl_completions) / len(hl_completions),
               **grpo.rollout_stats(answers, eos), "zero_var": grpo.zero_variance_fraction(r_hl, G),

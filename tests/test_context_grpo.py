@@ -85,14 +85,12 @@ def test_rollouts_without_context_get_no_utilisation(tokenizer):
     model = make_tiny_model(tokenizer)
     prior = make_tiny_model(tokenizer, seed=9)  # a different prior: the log-ratio is far from 0
     contexts = [[cg.as_example(PROBLEMS[2]), None, cg.as_example(PROBLEMS[1])], [None, None, None]]
-    shaping = cg.utilization_shaping(prior, tokenizer, PROBLEMS[:2], contexts, cfg(lam=1.0, tau=100.0))
     prompts = [grpo.encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"], c))
                for p, cs in zip(PROBLEMS[:2], contexts) for c in cs]
     comps, logps = grpo.generate(model, prompts, 8, 1.0, seed=0)
-    bonus, stats = shaping(prompts, comps, logps)
+    bonus, stats = cg.utilisation(prior, tokenizer, PROBLEMS[:2], contexts, comps, logps, cfg(lam=1.0, tau=100.0))
     assert bonus[[0, 2]].abs().min() > 1e-3 and torch.all(bonus[[1, 3, 4, 5]] == 0)
-    none = cg.utilization_shaping(prior, tokenizer, PROBLEMS[:2], [[None] * 3] * 2, cfg(lam=1.0))
-    bonus, stats = none(prompts, comps, logps)
+    bonus, stats = cg.utilisation(prior, tokenizer, PROBLEMS[:2], [[None] * 3] * 2, comps, logps, cfg(lam=1.0))
     assert torch.all(bonus == 0) and stats == {}  # experiment 1: exactly plain GRPO
 
 

@@ -201,9 +201,8 @@ def test_policy_update_is_independent_of_micro_batch(tokenizer):
         model = make_tiny_model(tokenizer, seed=1)
         ref = grpo.frozen_copy(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        cfg = SimpleNamespace(micro_batch=mb, updates=1, clip_eps=0.2, beta=0.1, loss_norm="seq",
-                              max_new_tokens=8, temperature=1.0, grad_clip=0)
-        grpo.policy_update(model, ref, opt, rows, comps, adv, cfg)
+        cfg = SimpleNamespace(micro_batch=mb, updates=1, clip_eps=0.2, loss_norm="seq", grad_clip=0)
+        grpo.policy_update(model, ref, opt, rows, comps, adv, cfg, beta=0.1, max_len=8, temperature=1.0)
         weights.append(model.model.embed_tokens.weight.detach().clone())
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
 
