@@ -268,6 +268,11 @@ def main(cfg):
         if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds:
             run_eval(t)
         grpo.save_checkpoint(out, t + 1, models, opts, tok)
+    evals = [r for r in grpo.read_jsonl(os.path.join(out, "metrics.jsonl")) if r["phase"] == "eval"]
+    first, last = evals[0], evals[-1]
+    leak = f"; contexts that carried the answer: {last['eval/ctx_has_answer']:.2f}" if test_ctx else ""
+    print(f"before/after: accuracy {first['eval/acc']:.3f} at round 0 -> {last['eval/acc']:.3f} after round "
+          f"{last['step']} [{last['eval/ci_low']:.3f}, {last['eval/ci_high']:.3f}] on {last['eval/n']} problems{leak}")
     print(f"done in {(time.time() - t_start) / 60:.1f} min: {out}/metrics.jsonl, {out}/eval.json, checkpoints in {out}/ckpt/")
 
 

@@ -46,6 +46,7 @@ def test_experiment_runs_end_to_end(exp, tiny_model_dir, tmp_path):
     else:
         assert 0.0 <= evals[-1]["eval/parse_rate"] <= 1.0
     assert f"experiment {exp}" in out
+    assert ("before/after: accuracy" in out) == (exp in (1, 3, 5))  # the line a newcomer reads at the end
 
 
 def test_resume_continues_the_run(tiny_model_dir, tmp_path):
