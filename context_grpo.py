@@ -273,23 +273,25 @@ class Config(grpo.Config):
 
 
 def main(cfg):
-    out, model, tokenizer, phi0, optimizer, step, problems, eos = grpo.setup(cfg, keep_phi0=cfg.prior == "init")
+    out, model, tokenizer, phi0, optimizer, step, problems, eos = grpo.setup(
+        cfg, keep_phi0=not cfg.icpo and cfg.prior == "init")
     ref_model = phi0 if cfg.beta > 0 else None
     if cfg.icpo:
-        source = context_source("random" if cfg.context == "none" else cfg.context, problems, cfg.seed)
+        prior, source = None, context_source("random" if cfg.context == "none" else cfg.context, problems, cfg.seed)
         print(f"ICPO: {len(problems)} problems, {cfg.batch_problems} x ({cfg.group_size} on-policy + {cfg.n_off} IEF "
               f"with a {cfg.context} demonstration), {cfg.steps} steps")
-        step_fn = lambda batch, t: icpo_step(model, ref_model, optimizer, tokenizer, batch,  # noqa: E731
-                                             fit_contexts(tokenizer, batch, source(batch, cfg.n_off, t),
-                                                          cfg.max_prompt_tokens)[0], cfg, t, eos)
     else:
-        prior = make_prior(cfg.prior, model, phi0, cfg)
-        source = context_source(cfg.context, problems, cfg.seed)
+        prior, source = make_prior(cfg.prior, model, phi0, cfg), context_source(cfg.context, problems, cfg.seed)
         print(f"context GRPO: {len(problems)} problems, {cfg.batch_problems} x {cfg.group_size} rollouts, context "
               f"{cfg.context}, lambda {cfg.lam}, tau' {cfg.tau}, prior {cfg.prior}, {cfg.steps} steps; the printed "
               f"loss is ~0 on-policy by construction: watch reward, acc and util")
-        step_fn = lambda batch, t: ll_step(model, ref_model, prior, optimizer, tokenizer, batch,  # noqa: E731
-                                           source(batch, cfg.group_size, t), cfg, t, eos)
+
+    def step_fn(batch, t):
+        if cfg.icpo:  # n_off demonstrations per problem, fitted to the prompt budget
+            demos = fit_contexts(tokenizer, batch, source(batch, cfg.n_off, t), cfg.max_prompt_tokens)[0]
+            return icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, t, eos)
+        return ll_step(model, ref_model, prior, optimizer, tokenizer, batch, source(batch, cfg.group_size, t), cfg,
+                       t, eos)
     grpo.train_loop(cfg, out, step, problems, step_fn, {"policy": model}, {"policy": optimizer}, tokenizer)
 
 

@@ -143,10 +143,10 @@ def report(folders, log=print):
         if os.path.exists(metrics_path):
             evals = [r for r in grpo.read_jsonl(metrics_path) if r.get("phase") == "eval"]
             first = f"{evals[0]['eval/acc']:.3f}" if evals else "-"
-        rate = lambda k: "-" if ev.get(k) is None else f"{ev[k]:.2f}"  # noqa: E731
+        rate = {k: "-" if ev.get(k) is None else f"{ev[k]:.2f}" for k in ("parse_rate", "ctx_self", "ctx_has_answer")}
         rows.append(f"| {os.path.basename(folder.rstrip('/'))} | {ev.get('exp', '-')} | {ev.get('flags') or '-'} | "
                     f"{first} | {ev['acc']:.3f} [{ev['ci_low']:.3f}, {ev['ci_high']:.3f}] | {ev['n']} | "
-                    f"{rate('parse_rate')} | {rate('ctx_self')} | {rate('ctx_has_answer')} | "
+                    f"{rate['parse_rate']} | {rate['ctx_self']} | {rate['ctx_has_answer']} | "
                     f"{ev.get('rounds', '-')} | {ev.get('wall_clock', 0) / 60:.1f} min |")
     log("| run | exp | flags | acc, round 0 | acc, final (95% CI) | n | HL parse rate | HL restated x | "
         "context carried the answer | rounds | wall-clock |\n|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")

@@ -169,11 +169,11 @@ def generate_contexts(hl_model, tokenizer, problems, n, max_tokens, temperature,
     completions, _ = generate(hl_model, prompt_ids, max_tokens, temperature, 1.0, eos, seed=seed)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     xs = [p["problem"] for p in problems for _ in range(n)]
-    formatted = [parse_context(t) is not None for t in texts]
-    parsed = [parse_context(t, x, self_threshold) for t, x in zip(texts, xs)]
+    formatted = [parse_context(t) for t in texts]                                           # rule 1
+    parsed = [None if c is None or restates(c[0], x, self_threshold) else c for c, x in zip(formatted, xs)]  # 1b
     contexts = [parsed[i * n:(i + 1) * n] for i in range(len(problems))]
-    stats = {"parse_rate": sum(formatted) / max(1, len(texts)),
-             "ctx_self": sum(f and c is None for f, c in zip(formatted, parsed)) / max(1, len(texts))}
+    stats = {"parse_rate": sum(f is not None for f in formatted) / max(1, len(texts)),
+             "ctx_self": sum(f is not None and c is None for f, c in zip(formatted, parsed)) / max(1, len(texts))}
     return contexts, prompt_ids, completions, stats
 
 
