@@ -130,8 +130,9 @@ def load_model(name=None, dtype=None, device=None, trainable=False, flag="--mode
     from transformers import AutoModelForCausalLM, AutoTokenizer
     device = pick_device(device)
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") and not trainable else torch.float32)
-    if model_problem(name):
-        raise SystemExit(f"{flag} {name}: {model_problem(name)}")
+    problem = model_problem(name)
+    if problem:
+        raise SystemExit(f"{flag} {name}: {problem}")
     path = resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -381,8 +382,8 @@ PURPOSES = ("data", "ll", "hl", "hl_ll", "ctx", "demo", "eval")
 def stream_seed(seed, purpose, *keys):
     """The seed of one random stream: a hash (numpy's SeedSequence) of the run's seed, what the stream is for
     (one of PURPOSES: LL rollouts, the HL step's contexts and its LL answers, the HL contexts of the LL
-    phase, ICPO demonstrations, evaluation)
-    and where it is used (the step, ...). Two purposes never share noise; a run is reproducible from its seed."""
+    phase, ICPO demonstrations, evaluation; "data" is reserved: batch_indices seeds its own shuffle) and
+    where it is used (the step, ...). Two purposes never share noise; a run is reproducible from its seed."""
     entropy = [seed, PURPOSES.index(purpose), *keys]
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
@@ -917,8 +918,9 @@ class Config:
         check_ranges(self)
         for name in ("model", "base_model", "ll_model", "hl_model", "hl_init", "ll_init"):
             value = getattr(self, name, "")
-            if value and model_problem(value):
-                raise SystemExit(f"--{name.replace('_', '-')} {value}: {model_problem(value)}")
+            problem = model_problem(value) if value else None
+            if problem:
+                raise SystemExit(f"--{name.replace('_', '-')} {value}: {problem}")
 
 
 def fit_prompts(tokenizer, problems, max_prompt_tokens, context=None):
