@@ -14,13 +14,14 @@ How two answers are compared, in order (each step is a small function below):
        and compare the strings;
     2. structures: matrices cell by cell, unions piece by piece, tuples and intervals element by element
        (the bracket types must match), sets and lists of solutions in any order (when the gold is a list);
-    3. a single value: parse both with a small, safe recursive-descent evaluator (numbers, + - * / ^,
-       \\frac, \\sqrt, \\pi, parentheses, implicit multiplication). Rationals are compared exactly with
-       Fraction, so 0.5 == 1/2 but 0.33 != 1/3; irrationals in floats at a relative tolerance of 1e-10;
-       expressions in one to three single-letter variables by their values at five points.
+    3. a single value: rewrite both as Python source (numbers, + - * / ^, \\frac, \\sqrt, \\pi, parentheses,
+       implicit multiplication), parse it with ast (never compiled or run) and walk the tree, which knows
+       only arithmetic. Rationals are compared exactly with Fraction, so 0.5 == 1/2 but 0.33 != 1/3;
+       irrationals in floats at a relative tolerance of 1e-10; expressions in one to three single-letter
+       variables by their values at five points.
 
 Deviations from the common MATH graders (Hendrycks' `is_equiv`, math-verify), numbered:
-    1. Model text is never given to eval/exec/sympy: the evaluator below only knows arithmetic.
+    1. Model text is never given to eval/exec/compile/sympy: the tree walker below only knows arithmetic.
     2. Every call is bounded: answers over MAX_PARSE_CHARS are compared as strings only, lists over
        MAX_ITEMS elements likewise, exponents are capped, nesting is capped (no RecursionError), the exact
        arithmetic of one comparison is capped in total (MAX_WORK_BITS), and normalisation is linear.
@@ -29,7 +30,9 @@ Deviations from the common MATH graders (Hendrycks' `is_equiv`, math-verify), nu
 
 Run `python math_reward.py` to grade a few examples; `tests/test_math_reward.py` has the case table.
 """
+import ast
 import math
+import operator
 import re
 from fractions import Fraction
 
@@ -45,6 +48,21 @@ POINTS = (0.5, 1.3, -0.7, 2.9, -1.9)  # where expressions with variables are com
 # 1. extraction
 
 
+def _brace_group(s, i):
+    """Index just past the brace group that opens at s[i] == '{', or -1 if it never closes. A loop, not
+    recursion (5,000 nested braces are fine); an escaped character (\\{, \\}, \\\\) never opens or closes one."""
+    depth, k = 0, i
+    while k < len(s):
+        if s[k] == "\\":
+            k += 2
+            continue
+        depth += (s[k] == "{") - (s[k] == "}")
+        if depth == 0:
+            return k + 1
+        k += 1
+    return -1
+
+
 def extract_boxed(text):
     """Content of the LAST \\boxed{...} or \\fbox{...} in text (nested braces balanced, \\{ and \\}
     skipped), or of the brace-less `\\boxed 5` form; None when there is none or its braces never close."""
@@ -58,20 +76,8 @@ def extract_boxed(text):
     while j < len(text) and text[j] in " \t\n":
         j += 1
     if j < len(text) and text[j] == "{":
-        depth, k = 0, j
-        while k < len(text):  # a loop, not recursion: 5,000 nested braces are fine
-            c = text[k]
-            if c == "\\":
-                k += 2  # an escaped character (\{, \}, \\) never opens or closes a group
-                continue
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[j + 1:k].strip()
-            k += 1
-        return None  # unbalanced: the response was cut off inside the box
+        end = _brace_group(text, j)
+        return text[j + 1:end - 1].strip() if end > 0 else None  # None: cut off inside the box
     if j > i:  # `\boxed 5`: one token, up to whitespace or the closing $
         m = re.match(r"[^\s$]+", text[j:])
         return m.group(0) if m else None
@@ -79,20 +85,6 @@ def extract_boxed(text):
 
 # -----------------------------------------------------------------------------
 # 2. normalisation (string -> canonical string)
-
-
-def _brace_group(s, i):
-    """Index just past the brace group that opens at s[i] == '{', or -1 if it never closes."""
-    depth = 0
-    for k in range(i, len(s)):
-        c = s[k]
-        if c == "{" and (k == 0 or s[k - 1] != "\\"):
-            depth += 1
-        elif c == "}" and (k == 0 or s[k - 1] != "\\"):
-            depth -= 1
-            if depth == 0:
-                return k + 1
-    return -1
 
 
 _TEXT_CMDS = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|operatorname|boldsymbol)\s*\{")
@@ -197,7 +189,8 @@ def normalize_answer(answer):
     return s
 
 # -----------------------------------------------------------------------------
-# 3. a small, safe evaluator: recursive descent over a token list, nothing is ever executed
+# 3. values: the answer rewritten as a Python expression, parsed by ast (never compiled or run) and
+#    walked by _evaluate, which knows numbers, + - * / ^, roots, pi, infinity and single-letter variables
 
 
 class ParseError(ValueError):
@@ -205,140 +198,82 @@ class ParseError(ValueError):
 
 
 _TOKEN = re.compile(r"\d+(?:\.\d*)?|\.\d+|\\(?:frac|sqrt|pi|infty)|[A-Za-z]|[-+*/^(){}\[\]]")
+_ARGS = {"\\frac": ("((", [("{", "}", ")/("), ("{", "}", "))")]),        # \frac{a}{b}    -> ((a)/(b))
+         "\\sqrt": ("root((", [("[", "]", "),("), ("{", "}", "))")])}    # \sqrt[n]{x}    -> root((n),(x))
 
 
-def _tokenize(s):
-    tokens, i = [], 0
-    while i < len(s):
-        m = _TOKEN.match(s, i)
-        if m is None:
-            raise ParseError(f"unexpected {s[i:i + 10]!r}")
+def _to_python(s):
+    """A normalised answer as Python source: ^ -> **, {} -> (), \\frac and \\sqrt as above (\\sqrt{x} takes
+    n = 2), \\pi -> pi, \\infty -> inf, 0.25 -> (25/100) (exact), and implicit products made explicit
+    (2x, 3\\sqrt{2}, (a)(b) -> *). A run of letters (cm, xy) is text, not a product: ParseError."""
+    out, stack, want, operand, pos = [], [], [], False, 0  # stack: (closing token, text there, args still wanted)
+    for m in _TOKEN.finditer(s):
         tok = m.group(0)
-        if tok.isalpha() and i + 1 < len(s) and s[i + 1].isalpha():
-            raise ParseError("a run of letters is text, not a product")  # cm, xy, Evelyn
-        tokens.append(tok)
-        i = m.end()
-    return tokens
-
-
-class _Parser:
-    """expr := term (('+'|'-') term)*
-       term := unary (('*'|'/'|<implicit>) unary)*
-       unary := ('+'|'-') unary | power
-       power := atom ('^' unary)?
-       atom := number | letter | \\pi | \\infty | (expr) | {expr} | \\frac{expr}{expr} | \\sqrt[expr]{expr}
-    The result is a tree of tuples; _evaluate walks it."""
-
-    def __init__(self, tokens):
-        self.tokens, self.pos, self.depth = tokens, 0, 0
-
-    def peek(self):
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
-
-    def take(self, expected=None):
-        tok = self.peek()
-        if tok is None or (expected is not None and tok != expected):
-            raise ParseError(f"expected {expected!r}, got {tok!r}")
-        self.pos += 1
-        return tok
-
-    def parse(self):
-        tree = self.expr()
-        if self.peek() is not None:
-            raise ParseError(f"trailing {self.peek()!r}")
-        return tree
-
-    def expr(self):
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
-            raise ParseError("nested too deeply")
-        tree = self.term()
-        while self.peek() in ("+", "-"):
-            op = self.take()
-            tree = (op, tree, self.term())
-        self.depth -= 1
-        return tree
-
-    def term(self):
-        tree = self.unary()
-        while True:
-            tok = self.peek()
-            if tok in ("*", "/"):
-                self.take()
-                tree = (tok, tree, self.unary())
-            elif tok is not None and tok not in "+-*/^)}]":  # implicit multiplication: 2x, 3\sqrt{2}, (a)(b)
-                tree = ("*", tree, self.unary())
+        if m.start() != pos:
+            raise ParseError(f"unexpected {s[pos:pos + 10]!r}")
+        pos = m.end()
+        if tok.isalpha() and pos < len(s) and s[pos].isalpha():
+            raise ParseError("a run of letters is text, not a product")
+        if want:  # the brace group a \frac or \sqrt takes next (\sqrt's [n] may be left out)
+            if want[0][0] == "[" and tok == "{":
+                out.append("2),(")
+                want = want[1:]
+            if tok != want[0][0]:
+                raise ParseError(f"expected {want[0][0]!r}, got {tok!r}")
+            stack.append((want[0][1], want[0][2], want[1:]))
+            want = []
+        elif tok in "+-*/^":
+            out.append("**" if tok == "^" else tok)
+            operand = False
+        elif tok in ")}]":
+            if not stack or stack[-1][0] != tok:
+                raise ParseError(f"unmatched {tok!r}")
+            _, text, want = stack.pop()
+            out.append(text)
+            operand = not want
+        else:
+            if operand:
+                out.append("*")  # implicit multiplication
+            operand = tok not in "({[" and tok not in _ARGS
+            if tok in _ARGS:
+                out.append(_ARGS[tok][0])
+                want = _ARGS[tok][1]
+            elif tok in "({":
+                out.append("(")
+                stack.append(({"(": ")", "{": "}"}[tok], ")", []))
+            elif tok == "[":
+                raise ParseError("unexpected '['")
+            elif "." in tok:
+                if len(tok) > 100:
+                    raise ParseError("number too long")
+                whole, frac = tok.split(".")
+                out.append(f"({int(whole + frac or '0')}/{10 ** len(frac)})")
+            elif tok[0].isdigit():
+                if len(tok) > 100:
+                    raise ParseError("number too long")
+                out.append(str(int(tok)))
             else:
-                return tree
-
-    def unary(self):
-        if self.peek() in ("+", "-"):
-            op = self.take()
-            self.depth += 1
-            if self.depth > MAX_DEPTH:
-                raise ParseError("nested too deeply")
-            operand = self.unary()
-            self.depth -= 1
-            return ("neg", operand) if op == "-" else operand
-        base = self.atom()
-        if self.peek() == "^":
-            self.take()
-            return ("^", base, self.unary())
-        return base
-
-    def group(self, open_, close):
-        self.take(open_)
-        tree = self.expr()
-        self.take(close)
-        return tree
-
-    def atom(self):
-        tok = self.peek()
-        if tok is None:
-            raise ParseError("unexpected end")
-        if tok[0].isdigit() or tok[0] == ".":
-            self.take()
-            if len(tok) > 100:
-                raise ParseError("number too long")
-            return ("num", Fraction(tok))
-        if tok.isalpha():
-            self.take()
-            return ("var", tok)
-        if tok == "\\pi":
-            self.take()
-            return ("num", math.pi)
-        if tok == "\\infty":
-            self.take()
-            return ("num", math.inf)
-        if tok == "(":
-            return self.group("(", ")")
-        if tok == "{":
-            return self.group("{", "}")
-        if tok == "\\frac":
-            self.take()
-            return ("/", self.group("{", "}"), self.group("{", "}"))
-        if tok == "\\sqrt":
-            self.take()
-            index = self.group("[", "]") if self.peek() == "[" else ("num", Fraction(2))
-            return ("root", self.group("{", "}"), index)
-        raise ParseError(f"unexpected {tok!r}")
+                out.append({"\\pi": "pi", "\\infty": "inf"}.get(tok, tok))
+        if len(stack) > MAX_DEPTH:
+            raise ParseError("nested too deeply")
+    if pos != len(s) or stack or want:
+        raise ParseError("unexpected end")
+    return " ".join(out)
 
 
 def parse_expression(s):
-    """Parse a normalised answer into an expression tree, or raise ParseError."""
+    """A normalised answer as a Python expression tree (ast), or ParseError. Nothing is compiled or run:
+    _evaluate walks the tree and refuses every node that is not arithmetic."""
     if not s or len(s) > MAX_PARSE_CHARS:
         raise ParseError("empty or too long")
-    return _Parser(_tokenize(s)).parse()
+    try:
+        return ast.parse(_to_python(s), mode="eval").body
+    except (SyntaxError, RecursionError, MemoryError) as e:
+        raise ParseError(str(e)) from None
 
 
-def _variables(tree, out=None):
-    out = set() if out is None else out
-    if tree[0] == "var":
-        out.add(tree[1])
-    elif tree[0] != "num":
-        for child in tree[1:]:
-            _variables(child, out)
-    return out
+def _variables(tree):
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} - {"pi", "inf", "root"}
 
 
 class _Work:
@@ -378,33 +313,36 @@ def _root(x, n):
     return x ** (1.0 / n)
 
 
-def _evaluate(tree, env, work):
-    """Value of the tree: a Fraction while everything is rational, else a float. Every operation is paid
-    for from `work` (a _Work) before it runs."""
-    kind = tree[0]
-    if kind == "num":
-        return tree[1]
-    if kind == "var":
-        return env[tree[1]]
-    if kind == "neg":
-        return -_evaluate(tree[1], env, work)
-    a, b = _evaluate(tree[1], env, work), _evaluate(tree[2], env, work)
+_CONSTANTS = {"pi": math.pi, "inf": math.inf}
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+        ast.Pow: _power}
+
+
+def _evaluate(node, env, work):
+    """Value of an expression tree: a Fraction while everything is rational, else a float. Only the nodes
+    _to_python writes are known (any other is a ParseError); every operation is paid for from `work` (a
+    _Work) before it runs."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return Fraction(node.value)
+    if isinstance(node, ast.Name):
+        return _CONSTANTS[node.id] if node.id in _CONSTANTS else env[node.id]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _evaluate(node.operand, env, work)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "root" and len(node.args) == 2:
+        n, x = _evaluate(node.args[0], env, work), _evaluate(node.args[1], env, work)
+        work.spend(x, n)
+        return _root(x, n)
+    if not (isinstance(node, ast.BinOp) and type(node.op) in _OPS):
+        raise ParseError(f"not arithmetic: {ast.dump(node)[:40]}")
+    a, b = _evaluate(node.left, env, work), _evaluate(node.right, env, work)
     work.spend(a, b)
-    if kind == "+":
-        return a + b
-    if kind == "-":
-        return a - b
-    if kind == "*":
-        return a * b
-    if kind == "/":
-        if b == 0:
-            raise ParseError("division by zero")
-        return a / b
-    if kind == "^":
-        result = _power(a, b)
+    if isinstance(node.op, ast.Div) and b == 0:
+        raise ParseError("division by zero")
+    result = _OPS[type(node.op)](a, b)
+    if isinstance(node.op, ast.Pow):
         work.spend(result)
-        return result
-    return _root(a, b)  # "root"
+    return result
 
 
 def _close(a, b):
