@@ -77,8 +77,9 @@ class Config(hl_generator.Config, context_grpo.Config):
     hl_init: str = arg("", "an SFT'd HL folder: theta_0 without running SFT")
     ll_init: str = arg("", "an exp-1 checkpoint folder: phi_0 (default: --model)")
     hl_lr: float = arg(1e-5, "HL learning rate", gt=0)
-    eval_data: str = arg("arith-test", "held-out problems: a JSONL path (e.g. MATH-500), arith-test (the sums never "
-                                       "in `arith`), or math500 (hub); training problems that are also here are removed")
+    eval_data: str = arg("", "held-out problems: a JSONL path (e.g. MATH-500), a built-in test split, or math500 (hub); "
+                             "default: the test split of a built-in --data (ops-test for ops), else math500; training "
+                             "problems that are also here are removed")
     eval_limit: int = arg(16, "evaluate on the first N held-out problems (0 = all)", ge=0)
     eval_every: int = arg(1, "evaluate every N rounds (and after the last)", ge=1)
     eval_max_new_tokens: int = arg(0, "LL budget at evaluation (0 = --max-new-tokens)", ge=0)
@@ -96,6 +97,7 @@ class Config(hl_generator.Config, context_grpo.Config):
         """Ranges, models, and contradictory flags (after --exp has filled in its defaults): one clear message
         before any data or model is loaded."""
         super().check()
+        self.eval_data = self.eval_data or grpo.HELDOUT.get(self.data, "math500")
         cfg = replace(self, **experiment_defaults(self))
         if cfg.hl == "none" and (cfg.hl_steps > 0 or cfg.joint or cfg.context_at != "none"):
             raise SystemExit("--hl none: there is no HL to train or to give contexts (set --hl-steps 0, "

@@ -44,7 +44,7 @@ import torch
 
 import grpo
 from grpo import (arg, as_example, encode, format_context, format_prompt, generate, group_advantages,
-                  nearest_neighbours, normalize_text, pad_completions, parse_config, policy_update, restates, score,
+                  normalize_text, pad_completions, parse_config, policy_update, restates, retrieve, score,
                   sequence_logprobs, stream_seed)
 
 # -----------------------------------------------------------------------------
@@ -58,9 +58,7 @@ def context_source(kind, problems, seed=0):
     if kind == "none":
         return lambda batch, G, step: [[None] * G for _ in batch]
     if kind == "retrieved":
-        nn = nearest_neighbours(problems, problems, k=1)[:, 0]
-        lookup = {normalize_text(p["problem"]): (as_example(problems[j]) if j >= 0 else None)
-                  for p, j in zip(problems, nn)}
+        lookup = {normalize_text(p["problem"]): c for p, c in zip(problems, retrieve(problems, problems))}
         return lambda batch, G, step: [[lookup.get(normalize_text(p["problem"]))] * G for p in batch]
     if kind == "random":
         def random_contexts(batch, G, step):

@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,27 +54,29 @@ def accuracy_interval(scores, samples):
 
 @torch.no_grad()
 def evaluate(ll_model, tokenizer, problems, eos, hl_model=None, samples=1, temperature=0.0, max_new_tokens=512,
-             max_context_tokens=384, batch_size=16, seed=0, out_file=None, log=print, self_threshold=0.9):
-    """Score the LL on problems (contexts from hl_model, greedy, when given). Returns the summary dict;
-    writes one JSON line per problem to out_file when given. Beside each verdict, the leakage: whether the
-    HL's output restated x (`ctx_self`: dropped, no context) and whether the context the LL saw carries
+             max_context_tokens=384, batch_size=16, seed=0, out_file=None, log=print, self_threshold=0.9,
+             contexts=None):
+    """Score the LL on problems: with contexts from hl_model (greedy) when given, else with the given
+    contexts (one (x', y') or None per problem: retrieved neighbours), else with none. Returns the summary
+    dict; writes one JSON line per problem to out_file when given. Beside each verdict, the leakage: whether
+    the HL's output restated x (`ctx_self`: dropped, no context) and whether the context the LL saw carries
     x's own answer in its box (`ctx_has_answer`): a right answer there may be a copy."""
     if samples > 1 and temperature == 0:
         raise SystemExit("--samples K > 1 needs --temperature > 0 (greedy answers would all be the same)")
     records, t0 = [], time.time()
     for start in range(0, len(problems), batch_size):
         batch = problems[start:start + batch_size]
-        contexts, hl_texts = [None] * len(batch), [None] * len(batch)
+        ctxs, hl_texts = (contexts or [None] * len(problems))[start:start + batch_size], [None] * len(batch)
         if hl_model is not None:
             ctx, _, hl_out, _ = generate_contexts(hl_model, tokenizer, batch, 1, max_context_tokens, 0.0, eos,
                                                   self_threshold=self_threshold)
-            contexts, hl_texts = [c[0] for c in ctx], tokenizer.batch_decode(hl_out, skip_special_tokens=True)
-        prompts = [encode(tokenizer, format_prompt(tokenizer, p["problem"], c)) for p, c in zip(batch, contexts)]
+            ctxs, hl_texts = [c[0] for c in ctx], tokenizer.batch_decode(hl_out, skip_special_tokens=True)
+        prompts = [encode(tokenizer, format_prompt(tokenizer, p["problem"], c)) for p, c in zip(batch, ctxs)]
         rows = [p for p in prompts for _ in range(samples)]
         answers, _ = generate(ll_model, rows, max_new_tokens, temperature, 1.0, eos,
                               seed=stream_seed(seed, "eval", start))
         texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-        for i, (p, c, hl_text) in enumerate(zip(batch, contexts, hl_texts)):
+        for i, (p, c, hl_text) in enumerate(zip(batch, ctxs, hl_texts)):
             responses = texts[i * samples:(i + 1) * samples]
             verdicts = [reward(r, p["answer"]) for r in responses]
             restated = c is None and hl_text is not None and parse_context(hl_text) is not None
@@ -93,16 +95,19 @@ def evaluate(ll_model, tokenizer, problems, eos, hl_model=None, samples=1, tempe
         os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
         with open(out_file, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-    return summarize(records, samples, hl_model is not None, time.time() - t0)
+    source = "hl" if hl_model is not None else "retrieved" if contexts is not None else "none"
+    return summarize(records, samples, source, time.time() - t0)
 
 
-def summarize(records, samples, with_hl, seconds):
+def summarize(records, samples, source, seconds):
+    """Accuracy with its interval, per level and subject; with an HL (source "hl"), its parse rate and how
+    often it restated x; with any context, how often the context carried x's answer (None where not)."""
     mean, low, high = accuracy_interval([r["score"] for r in records], samples)
     summary = {"acc": mean, "ci_low": low, "ci_high": high, "n": len(records), "samples": samples, "seconds": seconds,
-               "by_level": {}, "by_subject": {}}
-    for key in ("context_parsed", "ctx_self", "ctx_has_answer"):  # HL rates (None without an HL)
-        name = "parse_rate" if key == "context_parsed" else key
-        summary[name] = sum(r[key] for r in records) / max(len(records), 1) if with_hl else None
+               "context": source, "by_level": {}, "by_subject": {}}
+    for key, name in (("context_parsed", "parse_rate"), ("ctx_self", "ctx_self"), ("ctx_has_answer", "ctx_has_answer")):
+        shown = source == "hl" or (source == "retrieved" and key == "ctx_has_answer")
+        summary[name] = sum(r[key] for r in records) / max(len(records), 1) if shown else None
     for key, table in (("level", "by_level"), ("subject", "by_subject")):
         groups = {}
         for r in records:
@@ -114,7 +119,9 @@ def summarize(records, samples, with_hl, seconds):
 def print_summary(s, log=print):
     per = f" x {s['samples']} samples" if s["samples"] > 1 else ""
     hl = (f"  | HL contexts: parse rate {s['parse_rate']:.2f}, restated x {s['ctx_self']:.2f}, carried the answer "
-          f"{s['ctx_has_answer']:.2f}" if s["parse_rate"] is not None else "")
+          f"{s['ctx_has_answer']:.2f}" if s["parse_rate"] is not None else
+          f"  | retrieved contexts carried the answer {s['ctx_has_answer']:.2f}" if s.get("ctx_has_answer") is not None
+          else "")
     log(f"accuracy {s['acc']:.3f}  95% CI [{s['ci_low']:.3f}, {s['ci_high']:.3f}]  n = {s['n']} problems{per}{hl}")
     for table in ("by_level", "by_subject"):
         log(f"  {table[3:]:8} " + "  ".join(f"{g}: {v['acc']:.2f} ({v['n']})" for g, v in s[table].items()))
@@ -152,16 +159,96 @@ def report(folders, log=print):
         "context carried the answer | rounds | wall-clock |\n|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         log(r)
+    groups = {}  # the seeds of one experiment: the same exp and flags but for seed=
+    for folder in folders:
+        ev = _final_eval(folder)
+        if ev is not None:
+            flags = ", ".join(f for f in (ev[0].get("flags") or "").split(", ") if f and not f.startswith("seed="))
+            groups.setdefault((ev[0].get("exp", "-"), flags or "-"), []).append(ev)
+    if any(len(runs) > 1 for runs in groups.values()):
+        log("\nOver seeds (95% CI: over problems, of each problem's mean over the seeds' answers, so that one "
+            "problem's answers are not counted as independent trials):\n\n| exp | flags | seeds | acc, mean | "
+            "spread (min - max) | 95% CI | context carried the answer |\n|---:|---|---:|---:|---|---|---:|")
+        for (exp, flags), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            accs = [ev["acc"] for ev, _ in runs]
+            per_problem = {}
+            for _, records in runs:
+                for r in records:
+                    per_problem.setdefault(r["unique_id"] or r["problem"], []).append(r["score"])
+            mean, low, high = accuracy_interval([sum(v) / len(v) for v in per_problem.values()], len(runs))
+            carried = [ev["ctx_has_answer"] for ev, _ in runs if ev.get("ctx_has_answer") is not None]
+            log(f"| {exp} | {flags} | {len(runs)} | {mean:.3f} | {min(accs):.3f} - {max(accs):.3f} | "
+                f"[{low:.3f}, {high:.3f}] | {f'{sum(carried) / len(carried):.2f}' if carried else '-'} |")
+
+
+def _final_eval(folder):
+    """(eval.json, the per-problem records of the evaluation it summarises) of a run folder, or None."""
+    try:
+        ev = json.load(open(os.path.join(folder, "eval.json")))
+        return ev, grpo.read_jsonl(os.path.join(folder, f"eval_round{ev['rounds']}.jsonl"))
+    except (OSError, KeyError, json.JSONDecodeError):
+        return None
+
+def plot(folders, out_png, log=print):
+    """Learning curves of alternate.py runs, one panel per experiment (its exp and changed flags; the seeds
+    of one experiment are its lines): the held-out accuracy at each evaluation (round 0 first) and the LL's
+    training accuracy per round (the mean over that round's LL steps). matplotlib is an optional extra,
+    imported here only."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib, an optional extra: pip install matplotlib") from None
+    panels = {}
+    for folder in folders:
+        path, eval_path = os.path.join(folder, "metrics.jsonl"), os.path.join(folder, "eval.json")
+        if not (os.path.exists(path) and os.path.exists(eval_path)):
+            log(f"(skipped {folder}: no metrics.jsonl and eval.json)")
+            continue
+        ev, records = json.load(open(eval_path)), grpo.read_jsonl(path)
+        flags = ", ".join(f for f in (ev.get("flags") or "").split(", ") if f and not f.startswith("seed="))
+        label = f"exp {ev.get('exp', '?')}" + (f" ({flags})" if flags else "")
+        evals = [(r["step"], r["eval/acc"]) for r in records if r.get("phase") == "eval"]
+        train = {}
+        for r in records:
+            if r.get("phase") == "ll":
+                train.setdefault(r["step"], []).append(r["ll/acc"])
+        panels.setdefault(label, []).append((os.path.basename(folder.rstrip("/")), evals,
+                                             sorted((t, sum(a) / len(a)) for t, a in train.items())))
+    if not panels:
+        raise SystemExit("--plot: no run folder with metrics.jsonl and eval.json among the arguments")
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    for ax, (label, runs) in zip(axes.flat, sorted(panels.items())):
+        for k, (name, evals, train) in enumerate(runs):
+            colour = f"C{k}"
+            ax.plot(*zip(*evals), "o-", color=colour, label=f"{name}: held-out")
+            if train:
+                ax.plot(*zip(*train), "--", color=colour, alpha=0.6, label=f"{name}: LL training rollouts")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("round")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes.flat[0].set_ylabel("accuracy (R_task)")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    log(f"wrote {out_png}: {len(panels)} experiment(s), {sum(len(r) for r in panels.values())} run(s)")
 
 # -----------------------------------------------------------------------------
 
 
 @dataclass
 class Config:
-    EPILOG = "A table of runs instead: python eval_math500.py --report runs/*  (reads each folder's eval.json)"
+    EPILOG = ("A table of runs instead: python eval_math500.py --report runs/*  (reads each folder's eval.json)\n"
+              "Learning curves: python eval_math500.py --plot runs/* --out curves.png  (needs matplotlib)")
     model: str = arg("smollm2", "the LL: smollm2, Qwen2.5-0.5B, a hub id, or a folder (a checkpoint)")
     hl_model: str = arg("", "the HL (a folder or name): each problem gets one greedy context first")
-    data: str = arg("math500", "a JSONL path, or math500 (HuggingFaceH4/MATH-500 from the hub)")
+    data: str = arg("math500", "a JSONL path, a built-in test set (ops-test, arith-test), or math500 (the hub)")
     limit: int = arg(0, "the first N problems only (0 = all)", ge=0)
     samples: int = arg(1, "K answers per problem (mean accuracy); K > 1 needs --temperature > 0", ge=1)
     temperature: float = arg(0.0, "LL sampling temperature (0 = greedy)", ge=0)
@@ -169,6 +256,12 @@ class Config:
     max_context_tokens: int = arg(384, "HL context budget", ge=1)
     batch_size: int = arg(16, "problems per batch", ge=1)
     seed: int = arg(0, "sampling seed", ge=0)
+    context: str = field(default="auto", metadata={
+        "help": "none; retrieved: the nearest --pool problem as a worked example (TF-IDF, same subject, never x "
+                "itself); hl: one greedy context from --hl-model; auto: hl with --hl-model, else none",
+        "choices": ["auto", "none", "retrieved", "hl"]})
+    pool: str = arg("", "--context retrieved: problems to retrieve from (a JSONL path or a built-in name; default: "
+                        "the training split of a built-in test set, e.g. ops for ops-test)")
     self_threshold: float = arg(0.9, "leakage guard: an HL example restating x (bag-of-words cosine >= this) is dropped",
                                 gt=0, le=1)
     out: str = arg("runs/eval.jsonl", "every problem, context, response, extracted answer and verdict (JSONL)")
@@ -176,20 +269,37 @@ class Config:
 
     def check(self):
         grpo.Config.check(self)  # the same range and model checks as the training scripts'
+        if self.context == "auto":
+            self.context = "hl" if self.hl_model else "none"
+        if (self.context == "hl") != bool(self.hl_model):
+            raise SystemExit(f"--context {self.context} with{'out' if not self.hl_model else ''} --hl-model: "
+                             f"HL contexts need an HL, and an HL is only used for --context hl")
+        if self.pool and self.context != "retrieved":
+            raise SystemExit("--pool is only used with --context retrieved")
+        if self.context == "retrieved" and not self.pool:
+            self.pool = next((train for train, test in grpo.HELDOUT.items() if test == self.data), "")
+            if not self.pool:
+                raise SystemExit("--context retrieved: pass --pool (the problems to retrieve worked examples from)")
 
 
 def main(cfg):
     problems = grpo.load_problems(cfg.data, cfg.limit or None)  # the data first: a bad file stops before any model
+    contexts = None
+    if cfg.context == "retrieved":
+        contexts = grpo.retrieve(problems, grpo.load_problems(cfg.pool), cfg.self_threshold)
+        print(f"retrieved a worked example from {cfg.pool} for {sum(c is not None for c in contexts)} of "
+              f"{len(problems)} problems")
     device = grpo.pick_device(cfg.device)
     model, tokenizer = grpo.load_model(cfg.model, device=device)
     hl_model = grpo.load_model(cfg.hl_model, device=device, flag="--hl-model")[0].eval() if cfg.hl_model else None
     eos = grpo.eos_token_ids(model, tokenizer)
     print(f"evaluating {cfg.model} on {len(problems)} problems from {cfg.data}"
-          f"{' with contexts from ' + cfg.hl_model if hl_model is not None else ''}, "
+          f"{' with contexts from ' + cfg.hl_model if hl_model is not None else ''}"
+          f"{' with retrieved worked examples' if contexts is not None else ''}, "
           f"{'greedy' if cfg.temperature == 0 else f'T = {cfg.temperature}'}, {cfg.samples} answer(s) each")
     summary = evaluate(model.eval(), tokenizer, problems, eos, hl_model, cfg.samples, cfg.temperature,
                        cfg.max_new_tokens, cfg.max_context_tokens, cfg.batch_size, cfg.seed, cfg.out,
-                       self_threshold=cfg.self_threshold)
+                       self_threshold=cfg.self_threshold, contexts=contexts)
     print_summary(summary)
     grpo.write_json(os.path.splitext(cfg.out)[0] + ".summary.json", summary)
     print(f"wrote {cfg.out} and its .summary.json")
@@ -198,5 +308,9 @@ def main(cfg):
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--report":
         report(sorted(f for a in sys.argv[2:] for f in (glob.glob(a) or [a])))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--plot":  # --plot RUN... [--out FILE.png]
+        args = sys.argv[2:]
+        png = args.pop(args.index("--out") + 1) if "--out" in args[:-1] else "curves.png"
+        plot(sorted(f for a in args if a != "--out" for f in (glob.glob(a) or [a])), png)
     else:
         main(grpo.parse_config(Config))

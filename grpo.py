@@ -203,12 +203,50 @@ def arith_problems(n, seed=0, split="train"):
              "unique_id": f"arith/{a}+{b}"} for a, b in pairs]
 
 
+OPS = {"\\star": ("{a} + {b}", lambda a, b: a + b), "\\diamond": ("{a} \\times {b}", lambda a, b: a * b),
+       "\\bullet": ("{a} - {b}", lambda a, b: a - b), "\\heartsuit": ("{b} - {a}", lambda a, b: b - a)}
+OPS_HELDOUT = sorted(random.Random(54321).sample([(a, b) for a in range(1, 10) for b in range(a + 1, 10)], 26))
+
+
+def ops_problems(n, seed=0, split="train"):
+    """The in-context task: "Compute $3 \\star 5$." Each made-up operator of OPS is an arithmetic rule the
+    model knows (3 \\star 5 = 3 + 5, 3 \\diamond 5 = 3 x 5, 3 \\bullet 5 = 3 - 5, 3 \\heartsuit 5 = 5 - 3) and
+    nothing in the problem says which: a worked example of the same operator on other digits shows it, or RL
+    on the reward teaches it. The operator is the problem's subject, so a retrieved neighbour is one of the
+    same operator. 26 of the 36 unordered pairs of different digits (OPS_HELDOUT, whatever the seed) are the
+    test split (`ops-test`: 4 operators x 52 ordered pairs = 208 problems, in a seeded order); `ops` draws n
+    problems, with replacement, from the other 10 pairs (4 x 20 = 80 problems), so neither a op b nor b op a
+    of a test problem is ever trained on."""
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(1, 10) for b in range(1, 10) if a != b]
+    held = [(a, b) for a, b in pairs if (min(a, b), max(a, b)) in OPS_HELDOUT]
+    items = [(op, a, b) for op in OPS for a, b in (held if split == "test" else pairs) if split == "test" or (a, b) not in held]
+    if split == "train":
+        items = [rng.choice(items) for _ in range(n)]
+    else:
+        rng.shuffle(items)
+        items = items[:n]
+    rows = []
+    for op, a, b in items:
+        rule, answer = OPS[op][0].format(a=a, b=b), str(OPS[op][1](a, b))
+        rows.append({"problem": f"Compute ${a} {op} {b}$.", "answer": answer, "subject": f"Operator {op}",
+                     "solution": f"${a} {op} {b} = {rule} = {answer}$, so the answer is $\\boxed{{{answer}}}$.",
+                     "unique_id": f"ops/{op[1:]}/{a},{b}"})
+    return rows
+
+
+BUILTIN = {"arith": (arith_problems, "train"), "arith-test": (arith_problems, "test"),
+           "ops": (ops_problems, "train"), "ops-test": (ops_problems, "test")}
+HELDOUT = {"arith": "arith-test", "ops": "ops-test"}  # the test split of each built-in training task
+
+
 def load_problems(path_or_name, limit=None, seed=0):
     """A list of dicts with `problem` and `answer` (plus whatever else the JSONL has: subject, level,
     solution, unique_id). The answer is taken from the last box of `solution` when absent. A malformed
     line is an error that names the file and the line."""
-    if path_or_name in ("arith", "arith-test"):
-        return arith_problems(limit or 1000, seed, "train" if path_or_name == "arith" else "test")
+    if path_or_name in BUILTIN:
+        make, split = BUILTIN[path_or_name]
+        return make(limit or 1000, seed, split)
     path = path_or_name
     if not os.path.exists(path) and path in HUB_DATA:
         repo, filename = HUB_DATA[path]
@@ -219,7 +257,7 @@ def load_problems(path_or_name, limit=None, seed=0):
             raise SystemExit(f"Could not download {repo}/{filename} ({type(e).__name__}: {e}).\n"
                              f"Fix: pass a local JSONL path instead (e.g. ../shared/data/math500.jsonl).")
     if not os.path.exists(path):
-        raise SystemExit(f"No data at {path!r}: pass a JSONL file, `arith`, `arith-test`, or one of {sorted(HUB_DATA)}.")
+        raise SystemExit(f"No data at {path!r}: pass a JSONL file, one of {', '.join(BUILTIN)}, or one of {sorted(HUB_DATA)}.")
     if os.path.isdir(path):
         raise SystemExit(f"{path} is a folder: pass a JSONL file (one JSON object per line)")
     rows = []
@@ -346,6 +384,13 @@ def nearest_neighbours(queries, pool, k=1, exclude=None, self_threshold=0.9):
     return out
 
 
+def retrieve(queries, pool, self_threshold=0.9):
+    """Per query, its nearest pool problem as a worked example (x', y') (nearest_neighbours: the same subject,
+    never x itself nor a restatement of it), or None where the pool has none: the retrieval baseline."""
+    nn = nearest_neighbours(queries, pool, k=1, self_threshold=self_threshold)[:, 0]
+    return [as_example(pool[j]) if j >= 0 else None for j in nn]
+
+
 def as_example(problem):
     """A training problem as a worked example (x', y'): its reference solution, else its boxed answer."""
     return problem["problem"], problem.get("solution") or f"The answer is $\\boxed{{{problem['answer']}}}$."
@@ -372,7 +417,7 @@ def drop_overlap(problems, held, what="evaluation"):
     print(f"training problems: {len(problems) - len(kept)} of {len(problems)} removed as {what} problems")
     if not kept:
         raise SystemExit(f"every training problem is also an {what} problem: pass disjoint data "
-                         f"(for the built-in task: --data arith --eval-data arith-test)")
+                         f"(for a built-in task: --data ops --eval-data ops-test)")
     return kept
 
 
@@ -886,7 +931,8 @@ def _restore(ckpt, models, optimizers):
 @dataclass
 class Config:
     model: str = arg("smollm2", "LL model: smollm2 (embedded default), Qwen2.5-0.5B, a hub id or a local folder")
-    data: str = arg("arith", "training problems: a JSONL path, `arith` (offline synthetic) or `math500` (hub)")
+    data: str = arg("arith", "training problems: a JSONL path, a built-in task (offline: `ops`, made-up operators; "
+                             "`arith`, sums) or `math500` (hub)")
     limit: int = arg(0, "use only the first N problems (0 = all)", ge=0)
     steps: int = arg(30, "training steps (one batch of B problems x G rollouts each)", ge=1)
     batch_problems: int = arg(2, "B: problems per step", ge=1)

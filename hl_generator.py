@@ -253,11 +253,11 @@ class Config(grpo.Config):
 
 
 def find_holdout(cfg):
-    """Problems to keep out of D_SFT: --holdout, else arith-test for --data arith, else math500.jsonl beside
-    --data when it exists (alternate.py passes its --eval-data problems instead)."""
-    if not cfg.holdout and cfg.data == "arith":
-        print("D_SFT excludes the problems of arith-test")
-        return grpo.load_problems("arith-test")
+    """Problems to keep out of D_SFT: --holdout, else the test split of a built-in task (arith-test for
+    --data arith), else math500.jsonl beside --data when it exists (alternate.py passes its --eval-data)."""
+    if not cfg.holdout and cfg.data in grpo.HELDOUT:
+        print(f"D_SFT excludes the problems of {grpo.HELDOUT[cfg.data]}")
+        return grpo.load_problems(grpo.HELDOUT[cfg.data])
     path = cfg.holdout or (os.path.join(os.path.dirname(cfg.data), "math500.jsonl") if os.path.isfile(cfg.data) else "")
     if path and os.path.exists(path):
         print(f"D_SFT excludes the problems of {path}")

@@ -159,6 +159,77 @@ def test_eval_on_math500_with_and_without_a_stub_hl(tiny_model, tokenizer, tmp_p
     assert {"responses", "extracted", "verdicts", "score", "unique_id"} <= set(rows[0])
 
 
+def test_eval_with_retrieved_contexts(tiny_model, tokenizer, tmp_path, monkeypatch):
+    problems = grpo.load_problems("ops-test", limit=4)
+    contexts = grpo.retrieve(problems, grpo.load_problems("ops"))
+    seen = []
+    real = eval_math500.format_prompt
+    monkeypatch.setattr(eval_math500, "format_prompt", lambda tok, x, c=None: seen.append(c) or real(tok, x, c))
+    s = eval_math500.evaluate(tiny_model, tokenizer, problems, [tokenizer.eos_token_id], max_new_tokens=4,
+                              batch_size=3, out_file=str(tmp_path / "r.jsonl"), log=lambda *_: None, contexts=contexts)
+    assert seen == contexts                                    # each problem's own retrieved example, in order
+    assert s["context"] == "retrieved" and s["ctx_has_answer"] == 0.0 and s["parse_rate"] is None
+    rows = [json.loads(l) for l in open(tmp_path / "r.jsonl")]
+    assert [r["context"] for r in rows] == [grpo.format_context(c) for c in contexts]
+
+
+@pytest.mark.parametrize("argv, message", [(["--context", "hl"], "HL contexts need an HL"),
+                                           (["--context", "retrieved", "--hl-model", "smollm2"], "HL contexts need"),
+                                           (["--pool", "ops"], "--pool is only used with --context retrieved"),
+                                           (["--context", "retrieved", "--data", "math500"], "pass --pool")])
+def test_eval_context_flags(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        grpo.parse_config(eval_math500.Config, argv)
+
+
+def test_eval_retrieved_pool_defaults_to_the_training_split():
+    cfg = grpo.parse_config(eval_math500.Config, ["--context", "retrieved", "--data", "ops-test"])
+    assert cfg.pool == "ops"
+
+
+def _fake_run(folder, exp, flags, scores):
+    folder.mkdir()
+    n, acc = len(scores), sum(scores) / len(scores)
+    ev = {"acc": acc, "ci_low": 0.0, "ci_high": 1.0, "n": n, "rounds": 2, "exp": exp, "flags": flags,
+          "parse_rate": None, "ctx_self": None, "ctx_has_answer": None, "wall_clock": 60}
+    (folder / "eval.json").write_text(json.dumps(ev))
+    (folder / "eval_round2.jsonl").write_text("".join(json.dumps({"unique_id": f"p{i}", "problem": "", "score": v}) + "\n"
+                                                      for i, v in enumerate(scores)))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 0, "phase": "eval", "eval/acc": 0.0}, {"step": 1, "phase": "ll", "ll/acc": 0.25},
+        {"step": 1, "phase": "ll", "ll/acc": 0.75}, {"step": 2, "phase": "eval", "eval/acc": acc}]))
+
+
+def test_report_over_seeds(tmp_path):
+    _fake_run(tmp_path / "a0", 5, "", [1, 1, 0, 0])
+    _fake_run(tmp_path / "a1", 5, "seed=1", [1, 0, 0, 0])
+    _fake_run(tmp_path / "b0", 5, "lam=0.0", [0, 0, 0, 0])
+    lines = []
+    eval_math500.report([str(tmp_path / f) for f in ("a0", "a1", "b0")], log=lines.append)
+    row = next(l for l in lines if l.startswith("| 5 | - | 2 |"))
+    # per-problem means over the two seeds: 1, 0.5, 0, 0 -> mean 0.375, sd 0.479, half-width 1.96 * 0.479 / 2
+    assert "| 0.375 | 0.250 - 0.500 | [0.000, 0.844] |" in row
+    assert any(l.startswith("| 5 | lam=0.0 | 1 |") for l in lines)
+
+
+def test_plot_draws_one_panel_per_experiment(tmp_path):
+    pytest.importorskip("matplotlib")
+    _fake_run(tmp_path / "a0", 5, "", [1, 0])
+    _fake_run(tmp_path / "a1", 5, "seed=1", [0, 0])
+    _fake_run(tmp_path / "b0", 1, "", [1, 1])
+    lines = []
+    eval_math500.plot([str(tmp_path / f) for f in ("a0", "a1", "b0", "missing")], str(tmp_path / "c.png"), log=lines.append)
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and "skipped" in lines[0]
+    assert lines[-1].endswith("2 experiment(s), 3 run(s)")
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        eval_math500.plot([str(tmp_path)], str(tmp_path / "c.png"))
+    assert not (tmp_path / "c.png").exists()
+
+
 def test_report_table(tiny_model_dir, tmp_path):
     alternate(["--exp", "1", "--model", tiny_model_dir, "--out", "r1", "--lam", "0"] + TINY, tmp_path)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval_math500.py"), "--report", str(tmp_path / "r1"),

@@ -244,6 +244,44 @@ def test_arith_test_split_is_disjoint_from_training_and_correct():
         grpo.drop_overlap(test, test)
 
 
+RULES = {"star": lambda a, b: a + b, "diamond": lambda a, b: a * b, "bullet": lambda a, b: a - b,
+         "heartsuit": lambda a, b: b - a}
+
+
+def _operands(p):  # "Compute $3 \\star 5$." -> ("star", 3, 5)
+    a, op, b = p["problem"][len("Compute $"):-2].split(" ")
+    return op[1:], int(a), int(b)
+
+
+def test_ops_task_is_seeded_disjoint_and_correct_by_construction():
+    from math_reward import reward
+    assert grpo.load_problems("ops", 20, seed=3) == grpo.load_problems("ops", 20, seed=3)
+    assert grpo.load_problems("ops", 20, seed=3) != grpo.load_problems("ops", 20, seed=4)
+    train, test = grpo.load_problems("ops", seed=0), grpo.load_problems("ops-test", seed=1)
+    assert len(test) == len({p["problem"] for p in test}) >= 200                  # each test problem once
+    assert sorted(p["problem"] for p in test) == sorted(p["problem"] for p in grpo.load_problems("ops-test", seed=2))
+    unordered = lambda rows: {tuple(sorted(_operands(p)[1:])) for p in rows}      # noqa: E731
+    assert not unordered(train) & unordered(test)  # neither a op b nor b op a of a test problem is trained on
+    assert len({p["problem"] for p in train}) == 80
+    for p in train[:100] + test:
+        op, a, b = _operands(p)
+        assert a != b and p["answer"] == str(RULES[op](a, b)) and p["subject"] == f"Operator \\{op}"
+        assert reward(p["solution"], p["answer"]) == 1.0 and reward(f"\\boxed{{{RULES[op](a, b) + 1}}}", p["answer"]) == 0.0
+
+
+def test_ops_retrieval_finds_the_operator_and_carries_the_answer_below_chance():
+    train, test = grpo.load_problems("ops"), grpo.load_problems("ops-test")
+    contexts = grpo.retrieve(test, train)
+    assert all(c is not None for c in contexts)
+    for p, c in zip(test, contexts):
+        op = _operands(p)[0]
+        assert f"\\{op} " in c[0] and not grpo.restates(c[0], p["problem"])   # the same operator, other digits
+    carried = sum(grpo.carries_answer(c, p["answer"]) for p, c in zip(test, contexts)) / len(test)
+    same_op = {op: [q["answer"] for q in train if _operands(q)[0] == op] for op in RULES}
+    chance = sum(same_op[_operands(p)[0]].count(p["answer"]) / len(same_op[_operands(p)[0]]) for p in test) / len(test)
+    assert carried <= chance  # a retrieved example carries x's answer no more often than a random one would
+
+
 def test_drop_overlap_by_id_and_by_text(capsys):
     train = [{"problem": "What is $2+2$?", "unique_id": "a"}, {"problem": "what is 2+2?", "unique_id": "b"},
              {"problem": "What is 3+3?", "unique_id": "c"}, {"problem": "Other", "unique_id": "e1"}]
