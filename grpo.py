@@ -1,7 +1,7 @@
 """
 grpo.py: the GRPO backbone (DESIGN.md §3.1) and experiment 1, plain GRPO with no context.
 
-    python grpo.py                                      # embedded SmolLM2-135M, offline `arith` task, CPU
+    python grpo.py                                      # embedded SmolLM2-135M, offline `ops` task, CPU
     python grpo.py --model Qwen2.5-0.5B --data math_train.jsonl --steps 200
     python grpo.py --resume runs/grpo                   # continue an interrupted run exactly
 
@@ -931,7 +931,7 @@ def _restore(ckpt, models, optimizers):
 @dataclass
 class Config:
     model: str = arg("smollm2", "LL model: smollm2 (embedded default), Qwen2.5-0.5B, a hub id or a local folder")
-    data: str = arg("arith", "training problems: a JSONL path, a built-in task (offline: `ops`, made-up operators; "
+    data: str = arg("ops", "training problems: a JSONL path, a built-in task (offline: `ops`, made-up operators; "
                              "`arith`, sums) or `math500` (hub)")
     limit: int = arg(0, "use only the first N problems (0 = all)", ge=0)
     steps: int = arg(30, "training steps (one batch of B problems x G rollouts each)", ge=1)
