@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 
@@ -200,27 +201,31 @@ def plot(folders, out_png, log=print):
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--plot needs matplotlib, an optional extra: pip install matplotlib") from None
-    panels = {}
+    runs = []
     for folder in folders:
         path, eval_path = os.path.join(folder, "metrics.jsonl"), os.path.join(folder, "eval.json")
         if not (os.path.exists(path) and os.path.exists(eval_path)):
             log(f"(skipped {folder}: no metrics.jsonl and eval.json)")
             continue
         ev, records = json.load(open(eval_path)), grpo.read_jsonl(path)
-        flags = ", ".join(f for f in (ev.get("flags") or "").split(", ") if f and not f.startswith("seed="))
-        label = f"exp {ev.get('exp', '?')}" + (f" ({flags})" if flags else "")
+        flags = [f for f in (ev.get("flags") or "").split(", ") if f and not f.startswith("seed=")]
         evals = [(r["step"], r["eval/acc"]) for r in records if r.get("phase") == "eval"]
         train = {}
         for r in records:
             if r.get("phase") == "ll":
                 train.setdefault(r["step"], []).append(r["ll/acc"])
-        panels.setdefault(label, []).append((os.path.basename(folder.rstrip("/")), evals,
-                                             sorted((t, sum(a) / len(a)) for t, a in train.items())))
-    if not panels:
+        runs.append((ev.get("exp", "?"), flags, os.path.basename(folder.rstrip("/")), evals,
+                     sorted((t, sum(a) / len(a)) for t, a in train.items())))
+    if not runs:
         raise SystemExit("--plot: no run folder with metrics.jsonl and eval.json among the arguments")
+    common = set.intersection(*(set(r[1]) for r in runs))  # flags every run shares: said once, in the figure's title
+    panels = {}
+    for exp, flags, *curves in runs:
+        label = textwrap.fill(f"exp {exp}" + "".join(f", {f}" for f in flags if f not in common), 60)
+        panels.setdefault(label, []).append(curves)
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False, sharex=True, sharey=True)
     for ax, (label, runs) in zip(axes.flat, sorted(panels.items())):
         for k, (name, evals, train) in enumerate(runs):
             colour = f"C{k}"
@@ -229,12 +234,15 @@ def plot(folders, out_png, log=print):
                 ax.plot(*zip(*train), "--", color=colour, alpha=0.6, label=f"{name}: LL training rollouts")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     axes.flat[0].set_ylabel("accuracy (R_task)")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
+    if common:
+        fig.suptitle(textwrap.fill("all runs: " + ", ".join(sorted(common)), 120), fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     log(f"wrote {out_png}: {len(panels)} experiment(s), {sum(len(r) for r in panels.values())} run(s)")

@@ -1050,9 +1050,9 @@ def grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, con
 
 
 def print_record(prefix, r, total):
-    """The one-line step summary."""
+    """The one-line step summary (a rate with nothing to count, NaN: no context at all, is left out)."""
     extra = "".join(f" {k} {r[k]:.3f}" for k in ("util", "util_clip", "accepted", "demo_missing", "parse_rate",
-                                                  "ctx_self", "ctx_has_answer") if k in r)
+                                                  "ctx_self", "ctx_has_answer") if k in r and r[k] == r[k])
     wrote = f" wrote_box {r['wrote_box']:.2f}" if "wrote_box" in r else ""
     print(f"{prefix} {r['step']}/{total} | reward {r['reward']:.3f} acc {r['acc']:.3f} boxed {r['boxed']:.2f}{wrote}{extra} "
           f"| len {r['len']:.0f} fin {r['finished']:.2f} | zero-var {r['zero_var']:.2f} | kl {r['kl']:.4f} "
