@@ -110,7 +110,7 @@ def test_init_prior_is_the_reference_and_stays_frozen(tokenizer):
 
 def test_nearest_neighbours_same_subject_never_itself():
     pool = PROBLEMS + [{"problem": "What is 2 + 3 + 1?", "answer": "6", "subject": "Other", "unique_id": "o/0"}]
-    nn = cg.nearest_neighbours(pool, pool, k=2)
+    nn = grpo.nearest_neighbours(pool, pool, k=2)
     for i, row in enumerate(nn):
         for j in row:
             assert j != i
@@ -122,9 +122,9 @@ def test_nearest_neighbours_same_subject_never_itself():
         "How many integers between 1 and 100 are prime?",
         "A triangle has base 10 and height 3. What is its area?",
         "Find the area of a triangle with base 4 and height 6."])]  # a duplicate text, another unique_id
-    nn = cg.nearest_neighbours(geo, geo, k=1)[:, 0]
+    nn = grpo.nearest_neighbours(geo, geo, k=1)[:, 0]
     assert nn[0] == 2 and nn[2] in (0, 3) and nn[3] == 2  # never its own text, even under another id
-    excluded = cg.nearest_neighbours(PROBLEMS[:1], PROBLEMS, k=2, exclude=lambda p: p["unique_id"] == "a/1")
+    excluded = grpo.nearest_neighbours(PROBLEMS[:1], PROBLEMS, k=2, exclude=lambda p: p["unique_id"] == "a/1")
     assert list(excluded[0]) == [2, -1]
 
 
