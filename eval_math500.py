@@ -164,8 +164,7 @@ def report(folders, log=print):
     for folder in folders:
         ev = _final_eval(folder)
         if ev is not None:
-            flags = ", ".join(f for f in (ev[0].get("flags") or "").split(", ") if f and not f.startswith("seed="))
-            groups.setdefault((ev[0].get("exp", "-"), flags or "-"), []).append(ev)
+            groups.setdefault((ev[0].get("exp", "-"), ", ".join(_flags(ev[0])) or "-"), []).append(ev)
     if any(len(runs) > 1 for runs in groups.values()):
         log("\nOver seeds (95% CI: over problems, of each problem's mean over the seeds' answers, so that one "
             "problem's answers are not counted as independent trials):\n\n| exp | flags | seeds | acc, mean | "
@@ -180,6 +179,11 @@ def report(folders, log=print):
             carried = [ev["ctx_has_answer"] for ev, _ in runs if ev.get("ctx_has_answer") is not None]
             log(f"| {exp} | {flags} | {len(runs)} | {mean:.3f} | {min(accs):.3f} - {max(accs):.3f} | "
                 f"[{low:.3f}, {high:.3f}] | {f'{sum(carried) / len(carried):.2f}' if carried else '-'} |")
+
+
+def _flags(ev):
+    """The flags of a run (eval.json's `flags`) but its seed: what makes runs seeds of one experiment."""
+    return [f for f in (ev.get("flags") or "").split(", ") if f and not f.startswith("seed=")]
 
 
 def _final_eval(folder):
@@ -208,7 +212,7 @@ def plot(folders, out_png, log=print):
             log(f"(skipped {folder}: no metrics.jsonl and eval.json)")
             continue
         ev, records = json.load(open(eval_path)), grpo.read_jsonl(path)
-        flags = [f for f in (ev.get("flags") or "").split(", ") if f and not f.startswith("seed=")]
+        flags = _flags(ev)
         evals = [(r["step"], r["eval/acc"]) for r in records if r.get("phase") == "eval"]
         train = {}
         for r in records:
@@ -226,8 +230,8 @@ def plot(folders, out_png, log=print):
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False, sharex=True, sharey=True)
-    for ax, (label, runs) in zip(axes.flat, sorted(panels.items())):
-        for k, (name, evals, train) in enumerate(runs):
+    for ax, (label, seeds) in zip(axes.flat, sorted(panels.items())):
+        for k, (name, evals, train) in enumerate(seeds):
             colour = f"C{k}"
             ax.plot(*zip(*evals), "o-", color=colour, label=f"{name}: held-out")
             if train:
