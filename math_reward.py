@@ -243,15 +243,11 @@ def _to_python(s):
                 stack.append(({"(": ")", "{": "}"}[tok], ")", []))
             elif tok == "[":
                 raise ParseError("unexpected '['")
-            elif "." in tok:
+            elif tok[0].isdigit() or tok[0] == ".":  # a number: 12 -> 12, 0.25 -> (25/100)
                 if len(tok) > 100:
                     raise ParseError("number too long")
-                whole, frac = tok.split(".")
-                out.append(f"({int(whole + frac or '0')}/{10 ** len(frac)})")
-            elif tok[0].isdigit():
-                if len(tok) > 100:
-                    raise ParseError("number too long")
-                out.append(str(int(tok)))
+                whole, _, frac = tok.partition(".")
+                out.append(f"({int(whole + frac or '0')}/{10 ** len(frac)})" if "." in tok else str(int(tok)))
             else:
                 out.append({"\\pi": "pi", "\\infty": "inf"}.get(tok, tok))
         if len(stack) > MAX_DEPTH:
