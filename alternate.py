@@ -162,8 +162,10 @@ def load_hl(cfg, tok, problems, held, out, device):
     sft_dir = os.path.join(out, "hl_sft")
     if cfg.hl == "sft" and not cfg.hl_init and os.path.exists(os.path.join(sft_dir, "config.json")):
         print(f"theta_0: the SFT'd HL already in {sft_dir}")
-        return grpo.load_model(sft_dir, device=device, trainable=True)[0]
+        return grpo.load_model(sft_dir, device=device, trainable=True, precision=cfg.precision,
+                               grad_ckpt=cfg.grad_ckpt)[0]
     hl, _ = grpo.load_model(cfg.hl_init or cfg.hl_model or cfg.model, device=device, trainable=True,
+                            precision=cfg.precision, grad_ckpt=cfg.grad_ckpt,
                             flag="--hl-init" if cfg.hl_init else "--hl-model" if cfg.hl_model else "--model")
     if cfg.hl == "sft" and not cfg.hl_init:
         pairs = hl_generator.build_sft_pairs(problems, held)
@@ -194,7 +196,8 @@ def main(cfg):
              if device == "cpu" and cfg.exp == 5 and not changed_flags(cfg) and not cfg.resume else ""))
     t_start = time.time()
     # -------------------------------------------------------------------------- models
-    ll, tok = grpo.load_model(cfg.ll_init or cfg.model, device=device, trainable=True,
+    ll, tok = grpo.load_model(cfg.ll_init or cfg.model, device=device, trainable=True, precision=cfg.precision,
+                              grad_ckpt=cfg.grad_ckpt,
                               flag="--ll-init" if cfg.ll_init else "--model")
     ll.eval()
     ref = grpo.frozen_copy(ll) if (cfg.beta > 0 or cfg.prior == "init") else None  # p_ref = q = frozen phi_0

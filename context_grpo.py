@@ -126,7 +126,8 @@ def ll_step(model, ref_model, prior, optimizer, tokenizer, batch, contexts, cfg,
     # 1-2. rollouts y_i ~ p_phi(. | x, c_i) and R_task (+ the format bonus)
     roll = grpo.rollouts(model, tokenizer, batch, contexts, cfg, step, eos)
     # 3. the utilisation term and the shaped reward (§4.4), then group advantages
-    u, util_stats = utilisation(prior, tokenizer, batch, contexts, roll["completions"], roll["sampler_logp"], cfg)
+    u, util_stats = (utilisation(prior, tokenizer, batch, contexts, roll["completions"], roll["sampler_logp"], cfg)
+                     if cfg.lam else (torch.zeros(len(roll["rewards"])), {}))  # lambda = 0: no forward of q at all
     rewards = roll["rewards"] + cfg.lam * u                                  # r_i = R_task + lambda * U~_i
     adv = group_advantages(rewards, cfg.group_size, cfg.scale_by_std)
     # 4. policy update: log-probs and KL to p_ref WITH the context (§3.2)
@@ -156,9 +157,9 @@ def make_prior(kind, model, phi0, cfg):
             raise ValueError("prior init needs the frozen initial LL (phi0), copied before any checkpoint is loaded")
         return phi0
     if kind == "base":
-        base, _ = grpo.load_model(cfg.base_model or cfg.model, device=model.device,
-                                  flag="--base-model" if cfg.base_model else "--model")
-        return grpo.frozen_copy(base)
+        base, _ = grpo.load_model(cfg.base_model or cfg.model, device=model.device, precision=cfg.precision,
+                                  trainable=True, flag="--base-model" if cfg.base_model else "--model")
+        return base.eval().requires_grad_(False)  # loaded as the policy is (its path, its precision), frozen
     if kind == "self":
         return model
     raise ValueError(f"unknown prior {kind!r} (init, base, self)")

@@ -278,6 +278,7 @@ class Config:
                                 gt=0, le=1)
     out: str = arg("runs/eval.jsonl", "every problem, context, response, extracted answer and verdict (JSONL)")
     device: str = arg("", "cuda / cpu (default: cuda when available)")
+    precision: str = grpo.precision_flag()
 
     def check(self):
         grpo.Config.check(self)  # the same range and model checks as the training scripts'
@@ -302,8 +303,9 @@ def main(cfg):
         print(f"retrieved a worked example from {cfg.pool} for {sum(c is not None for c in contexts)} of "
               f"{len(problems)} problems")
     device = grpo.pick_device(cfg.device)
-    model, tokenizer = grpo.load_model(cfg.model, device=device)
-    hl_model = grpo.load_model(cfg.hl_model, device=device, flag="--hl-model")[0].eval() if cfg.hl_model else None
+    model, tokenizer = grpo.load_model(cfg.model, device=device, precision=cfg.precision)
+    hl_model = grpo.load_model(cfg.hl_model, device=device, flag="--hl-model",
+                               precision=cfg.precision)[0].eval() if cfg.hl_model else None
     eos = grpo.eos_token_ids(model, tokenizer)
     print(f"evaluating {cfg.model} on {len(problems)} problems from {cfg.data}"
           f"{' with contexts from ' + cfg.hl_model if hl_model is not None else ''}"

@@ -122,21 +122,24 @@ def model_problem(name):
     return None
 
 
-def load_model(name=None, dtype=None, device=None, trainable=False, flag="--model"):
-    """(model, tokenizer). bf16 on a GPU, fp32 on a CPU, unless dtype is given. A model that will be
-    trained (trainable=True) keeps fp32 weights everywhere: AdamW on bf16 weights rounds away every
-    update smaller than ~1/256 of a weight (lr 1e-5 on a weight of 0.02 never lands); on a GPU its forward
-    passes still run in bf16, under autocast (see _autocast). Errors name the flag that gave `name`."""
+def load_model(name=None, device=None, trainable=False, flag="--model", precision="auto", grad_ckpt=False):
+    """(model, tokenizer). precision (--precision): auto = bf16 on a GPU, fp32 on a CPU; bf16 on a CPU runs the
+    GPU's arithmetic under CPU autocast (slow, but testable). Under bf16 a model that will be trained
+    (trainable=True) keeps fp32 weights and runs its forward passes under bf16 autocast: AdamW on bf16 weights
+    rounds away every update smaller than ~1/256 of a weight (lr 1e-5 on a weight of 0.02 never lands). A
+    model that is only sampled from gets bf16 weights. grad_ckpt: recompute each decoder layer in backward
+    (--grad-ckpt). Errors name the flag that gave `name`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     device = pick_device(device)
-    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") and not trainable else torch.float32)
+    bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
     problem = model_problem(name)
     if problem:
         raise SystemExit(f"{flag} {name}: {problem}")
     path = resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 and not trainable
+                                                     else torch.float32)
     except Exception as e:  # a missing hub id, a corrupt weight file, a broken tokenizer: one clear message
         files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".json"))) \
             if os.path.isdir(path) else []
@@ -145,7 +148,19 @@ def load_model(name=None, dtype=None, device=None, trainable=False, flag="--mode
                          f"machine with internet access, or smollm2 for the embedded SmolLM2.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # only ever a filler: every mask below is built from lengths
+    model.compute_dtype = torch.bfloat16 if bf16 else torch.float32  # read by _autocast
+    if grad_ckpt and trainable:
+        enable_grad_ckpt(model)
     return model.to(device), tokenizer
+
+
+def enable_grad_ckpt(model):
+    """--grad-ckpt: each decoder layer keeps only its input for backward and recomputes the rest there."""
+    on = getattr(model, "activation_checkpointing_enable", None)  # the name from transformers 5.2x on
+    if on is not None:
+        on(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def eos_token_ids(model, tokenizer):
@@ -163,15 +178,24 @@ def eos_token_ids(model, tokenizer):
 
 
 def frozen_copy(model):
-    """A frozen copy (p_ref, q, pi_SFT): eval mode, no gradients, bf16 on a GPU (it is never updated)."""
+    """A frozen copy (p_ref, q, pi_SFT): eval mode, no gradients. It keeps the policy's weights and its path
+    (fp32 weights under bf16 autocast when --precision bf16), so a policy equal to its reference has a KL of
+    exactly 0 and the utilisation's log-ratio no precision noise; a pure bf16 copy would save half its memory
+    but differ by ~1e-3 nats of KL per token at step 0 (tests/test_grpo.py measures both)."""
     ref = copy.deepcopy(model).eval()
-    ref.requires_grad_(False)
-    return ref.to(torch.bfloat16) if model.device.type == "cuda" else ref
+    return ref.requires_grad_(False)
+
+
+def compute_dtype(model):
+    """The dtype a model's forward passes compute in (--precision): its weights', or bf16 under autocast."""
+    return getattr(model, "compute_dtype", model.dtype)
 
 
 def _autocast(model):
-    """bf16 autocast for the forward passes of an fp32 model (or weight) on a GPU; a no-op on a CPU."""
-    on = model.device.type == "cuda" and model.dtype == torch.float32
+    """bf16 autocast for the forward passes of a model with fp32 weights under --precision bf16 (on a GPU or a
+    CPU); a no-op otherwise. One region per sampler call or training forward: inside it each fp32 weight that
+    requires grad is cast to bf16 once, not at every use."""
+    on = model.dtype == torch.float32 and compute_dtype(model) == torch.bfloat16
     return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=on)
 
 # -----------------------------------------------------------------------------
@@ -494,6 +518,45 @@ def _top_p(probs, top_p):
     return torch.zeros_like(probs).scatter(-1, order, sorted_p)
 
 
+class KVCache:
+    """A preallocated KV cache (gpt-fast style). Per layer, keys and values (rows, kv_heads, max_len, head_dim)
+    in the compute dtype, allocated at the first write; each forward writes its new positions in place, from
+    `length` on, and attention reads a view of the positions written so far: nothing is concatenated. The
+    model calls update() once per layer; the caller advances `length` after each forward."""
+
+    def __init__(self, max_len, dtype):
+        self.max_len, self.dtype, self.length, self.layers = max_len, dtype, 0, {}
+
+    def update(self, k, v, layer, *args, **kwargs):
+        if layer not in self.layers:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.layers[layer] = (k.new_empty(shape, dtype=self.dtype), v.new_empty(shape, dtype=self.dtype))
+        K, V = self.layers[layer]
+        end = self.length + k.shape[2]
+        K[:, :, self.length:end] = k  # cast to the cache's dtype: RoPE hands back fp32 keys under autocast
+        V[:, :, self.length:end] = v
+        return K[:, :, :end], V[:, :, :end]
+
+    def select(self, rows):
+        """Keep (or repeat) these rows: the shared prefill's expansion, and finished rows leaving."""
+        self.layers = {i: (K[rows], V[rows]) for i, (K, V) in self.layers.items()}
+
+
+def _attention_mask(model, allowed):
+    """A 4D (rows, 1, queries, keys) mask as the model's attention takes it: bool for sdpa (True = attend),
+    additive for eager. Passed 4D, it is used as is (transformers builds no mask of its own)."""
+    impl = model.config._attn_implementation
+    if impl == "sdpa":
+        return allowed
+    if impl == "eager":
+        dtype = compute_dtype(model)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    raise ValueError(f"generate: attention implementation {impl!r} is not supported (sdpa or eager)")
+
+
+CHECK_EVERY = 8  # decode steps between looks at which rows have finished (each look waits for the device)
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, eos_token_ids=None, seed=None):
     """Sample one completion per prompt. Returns (tokens, logprobs): per row, the completion's token ids
@@ -501,9 +564,10 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, eos_
     sequence_logprobs recomputes (at T = 0, argmax decoding, log-probs at T = 1).
 
     1. prefill: identical prompts (the G samples of one problem) are prefilled once, left-padded with
-       explicit position ids; the cache is then shared across their rows by index;
-    2. decode: one token per live row per step; a row that emits an EOS is finished and leaves the batch
-       and the cache, so the cost follows the live rows."""
+       explicit position ids; their cache rows are then repeated by index (shared prefill);
+    2. decode: one token per live row per step into a preallocated KVCache, under one autocast region;
+       every CHECK_EVERY steps the rows that emitted an EOS leave the batch and the cache, so the cost
+       follows the live rows (between two looks a finished row's extra tokens are computed and dropped)."""
     device = model.device
     eos = torch.tensor(sorted(set(eos_token_ids or [])), dtype=torch.long, device=device)
     unique, src = {}, []
@@ -511,50 +575,60 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, eos_
         if len(p) == 0:
             raise ValueError("generate: an empty prompt")
         src.append(unique.setdefault(tuple(p), len(unique)))
-    from transformers import DynamicCache
-    # 1. prefill the U distinct prompts, keep only the last position's logits
     ids, mask, pos = _left_pad(list(unique), 0, device)                       # (U, L)
-    cache = DynamicCache(config=model.config)
-    with _autocast(model):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]       # (U, V)
+    L, N = ids.shape[1], len(prompt_ids)
+    cache = KVCache(L + max_new_tokens, compute_dtype(model))
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    own = torch.eye(L, dtype=torch.bool, device=device)  # a padding position sees itself: no all-masked row, no NaN
+    prefill_mask = _attention_mask(model, (causal & mask.bool()[:, None, :]) | own)[:, None]  # (U, 1, L, L)
     src = torch.tensor(src, device=device)
-    cache.batch_select_indices(src)                                           # (U, ...) -> (N, ...): shared prefill
-    logits, mask, next_pos = logits[src], mask[src], pos[src, -1] + 1
-    N = len(prompt_ids)
+    keys = torch.ones((N, 1, 1, L + max_new_tokens), dtype=torch.bool, device=device)
+    keys[:, 0, 0, :L] = mask.bool()[src]                                      # the prompts' padding stays hidden
+    keys = _attention_mask(model, keys)                                       # (N, 1, 1, L + max_new_tokens)
     out_tokens = torch.zeros((N, max_new_tokens), dtype=torch.long, device=device)
     out_logp = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
     lengths = torch.zeros(N, dtype=torch.long, device=device)
-    live = torch.arange(N, device=device)  # the original row of each live row
+    live = torch.arange(N, device=device)    # the original row of each live row
+    done = torch.zeros(N, dtype=torch.bool, device=device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed) if seed is not None else gen.seed()
-    # 2. decode
-    for step in range(max_new_tokens):
-        logits = logits.float()
-        if temperature == 0:
-            logprobs = logits.log_softmax(-1)
-            tok = logits.argmax(-1)                                           # (n,)
-        else:
-            logprobs = (logits / temperature).log_softmax(-1)                 # (n, V)
-            probs = logprobs.exp()
-            if top_p < 1.0:
-                probs = _top_p(probs, top_p)
-            tok = torch.multinomial(probs, 1, generator=gen).squeeze(1)       # (n,)
-        out_tokens[live, step] = tok
-        out_logp[live, step] = logprobs.gather(1, tok[:, None]).squeeze(1)
-        lengths[live] += 1
-        keep = ~torch.isin(tok, eos)
-        if step == max_new_tokens - 1 or not keep.any():
-            break
-        if not keep.all():  # finished rows leave the batch and the cache
-            idx = keep.nonzero().squeeze(1)
-            cache.batch_select_indices(idx)
-            live, tok, mask, next_pos = live[idx], tok[idx], mask[idx], next_pos[idx]
-        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)       # (n, L + step + 1)
-        with _autocast(model):
-            logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                           past_key_values=cache, use_cache=True).logits[:, -1]  # (n, V)
-        next_pos = next_pos + 1
+    with _autocast(model):
+        # 1. prefill the U distinct prompts, keep only the last position's logits
+        logits = model(input_ids=ids, attention_mask=prefill_mask, position_ids=pos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]       # (U, V)
+        cache.length = L
+        cache.select(src)                                                     # (U, ...) -> (N, ...): shared prefill
+        logits, next_pos = logits[src], pos[src, -1] + 1
+        # 2. decode
+        for step in range(max_new_tokens):
+            logits = logits.float()
+            if temperature == 0:
+                logprobs = logits.log_softmax(-1)
+                tok = logits.argmax(-1)                                       # (n,)
+            else:
+                logprobs = (logits / temperature).log_softmax(-1)             # (n, V)
+                probs = logprobs.exp()
+                if top_p < 1.0:
+                    probs = _top_p(probs, top_p)
+                tok = torch.multinomial(probs, 1, generator=gen).squeeze(1)   # (n,)
+            out_tokens[live, step] = tok
+            out_logp[live, step] = logprobs.gather(1, tok[:, None]).squeeze(1)
+            lengths[live] += (~done).long()                                   # up to and including the EOS
+            done |= torch.isin(tok, eos)
+            if step == max_new_tokens - 1:
+                break
+            if (step + 1) % CHECK_EVERY == 0:                                 # the loop's only wait for the device
+                finished = int(done.sum())
+                if finished == len(live):
+                    break
+                if finished:  # finished rows leave the batch and the cache
+                    idx = (~done).nonzero().squeeze(1)
+                    cache.select(idx)
+                    live, tok, keys, next_pos, done = live[idx], tok[idx], keys[idx], next_pos[idx], done[idx]
+            logits = model(input_ids=tok[:, None], attention_mask=keys[..., :cache.length + 1],
+                           position_ids=next_pos[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+            cache.length += 1
+            next_pos = next_pos + 1
     lengths = lengths.tolist()
     tokens, logps = out_tokens.tolist(), out_logp.cpu()
     return [tokens[i][:lengths[i]] for i in range(N)], [logps[i, :lengths[i]].tolist() for i in range(N)]
@@ -576,8 +650,7 @@ def pad_completions(seqs, device=None, value=0):
 
 
 def _chunk_logprobs(head, h, targets, temperature):
-    with _autocast(head.weight):  # the projection in bf16 on a GPU; the log-softmax always in fp32
-        logits = head(h).float() / temperature                               # (M, V), one chunk only
+    logits = head(h).float() / temperature                                   # (M, V), one chunk only, in fp32
     return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)   # (M,)
 
 
@@ -595,20 +668,20 @@ def sequence_logprobs(model, prompt_ids, completion_ids, temperature=1.0, chunk_
     full_ids = torch.cat([ids, targets], 1)                                               # (N, P+T)
     full_mask = torch.cat([mask, cmask.long()], 1)
     pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
-    with _autocast(model):
-        hidden = model.get_decoder()(input_ids=full_ids, attention_mask=full_mask,
-                                     position_ids=pos).last_hidden_state                  # (N, P+T, H)
-    h = hidden[:, P - 1:-1]                                                               # (N, T, H): state before y_t
     keep = cmask.bool()
-    h, tgt = h[keep], targets[keep]                                                       # (M, H), (M,)
     head = model.get_output_embeddings()
     parts = []
-    for s in range(0, len(tgt), chunk_tokens):
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_logprobs, head, h[s:s + chunk_tokens], tgt[s:s + chunk_tokens],
-                                    temperature, use_reentrant=False))
-        else:
-            parts.append(_chunk_logprobs(head, h[s:s + chunk_tokens], tgt[s:s + chunk_tokens], temperature))
+    with _autocast(model):  # the sampler's arithmetic (checkpoint recomputes a chunk under the same autocast)
+        hidden = model.get_decoder()(input_ids=full_ids, attention_mask=full_mask, position_ids=pos,
+                                     use_cache=False).last_hidden_state                   # (N, P+T, H)
+        h = hidden[:, P - 1:-1]                                                           # (N, T, H): state before y_t
+        h, tgt = h[keep], targets[keep]                                                   # (M, H), (M,)
+        for s in range(0, len(tgt), chunk_tokens):
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(_chunk_logprobs, head, h[s:s + chunk_tokens], tgt[s:s + chunk_tokens],
+                                        temperature, use_reentrant=False))
+            else:
+                parts.append(_chunk_logprobs(head, h[s:s + chunk_tokens], tgt[s:s + chunk_tokens], temperature))
     logp = torch.zeros(cmask.shape, device=device, dtype=torch.float32)
     logp = logp.masked_scatter(keep, torch.cat(parts)) if parts else logp
     return logp, cmask
@@ -677,7 +750,8 @@ def policy_update(model, ref_model, optimizer, prompt_ids, completion_ids, advan
     micro-batches."""
     N = len(prompt_ids)
     mb = cfg.micro_batch or N
-    chunks = [list(range(s, min(s + mb, N))) for s in range(0, N, mb)]
+    order = sorted(range(N), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))  # like lengths together:
+    chunks = [order[s:s + mb] for s in range(0, N, mb)]                                   # less padding per chunk
 
     def logprobs(net, rows):
         return sequence_logprobs(net, [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows],
@@ -689,7 +763,6 @@ def policy_update(model, ref_model, optimizer, prompt_ids, completion_ids, advan
     model.train()
     stats = {}
     for _ in range(cfg.updates):
-        optimizer.zero_grad(set_to_none=True)
         sums = {}
         for k, rows in enumerate(chunks):
             lp, mask = sequence_logprobs(model, [prompt_ids[i] for i in rows],
@@ -703,6 +776,7 @@ def policy_update(model, ref_model, optimizer, prompt_ids, completion_ids, advan
                 sums[key] = sums.get(key, 0.0) + v * len(rows) / N
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free until the next update
         stats = {**sums, "grad_norm": grad_norm.item()}
     model.eval()
     return stats
@@ -729,9 +803,16 @@ def check_ranges(cfg):
                 raise SystemExit(f"--{f.name.replace('_', '-')} {value}: must be {word} {bound} ({f.metadata['help']})")
 
 
+def precision_flag():
+    """--precision, shared by every entry script."""
+    return field(default="auto", metadata={
+        "help": "auto = bf16 on a GPU, fp32 on a CPU; bf16 = trained models keep fp32 weights and compute under "
+                "bf16 autocast (on a CPU too: the GPU's arithmetic, slowly)", "choices": ["auto", "fp32", "bf16"]})
+
+
 # flags a resumed run may change (they do not change what was computed so far); every other one is fixed
 RESUMABLE = {"steps", "rounds", "lr", "hl_lr", "eval_limit", "eval_every", "eval_max_new_tokens", "sample_every",
-             "save_every", "micro_batch", "device", "out", "resume", "overwrite"}
+             "save_every", "micro_batch", "grad_ckpt", "device", "out", "resume", "overwrite"}
 
 
 def parse_config(cls, argv=None):
@@ -958,6 +1039,9 @@ class Config:
     resume: str = arg("", "continue the run in this folder from its last checkpoint")
     overwrite: bool = arg(False, "replace the run already in --out (without it, that is an error)")
     device: str = arg("", "cuda / cpu (default: cuda when available)")
+    precision: str = precision_flag()
+    grad_ckpt: bool = arg(False, "gradient checkpointing: recompute each decoder layer in backward (training "
+                                 "activations ~1 layer's worth instead of all; ~1/3 more compute)")
 
     def check(self):
         """Every flag in its range and every model name usable, before any data or model is loaded."""
@@ -1094,7 +1178,8 @@ def setup(cfg, keep_phi0=False):
     problems = load_problems(cfg.data, cfg.limit or None, cfg.seed)
     out = start_run(cfg)
     device = pick_device(cfg.device)
-    model, tokenizer = load_model(cfg.model, device=device, trainable=True)
+    model, tokenizer = load_model(cfg.model, device=device, trainable=True, precision=cfg.precision,
+                                  grad_ckpt=cfg.grad_ckpt)
     model.eval()
     ref_model = frozen_copy(model) if cfg.beta > 0 or keep_phi0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)

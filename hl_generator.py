@@ -143,10 +143,10 @@ def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
     for step in range(cfg.sft_steps):
         idx = [(step * cfg.sft_batch + k) % len(tp) for k in range(cfg.sft_batch)]
         loss = sft_loss(model, [tp[i] for i in idx], [tt[i] for i in idx])
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        opt.zero_grad(set_to_none=True)
         if (step + 1) % max(1, cfg.sft_steps // 10) == 0 or step == cfg.sft_steps - 1:
             left = (time.time() - t0) / (step + 1) * (cfg.sft_steps - step - 1)
             log(f"SFT step {step + 1}/{cfg.sft_steps} | loss {loss.item():.3f} | ~{left:.0f}s left")
@@ -271,7 +271,8 @@ def main(command, cfg):
     holdout = find_holdout(cfg) if command == "sft" else []
     out = grpo.start_run(cfg) if command != "sample" else cfg.out  # sample only prints: no run folder
     device = grpo.pick_device(cfg.device)
-    model, tokenizer = grpo.load_model(cfg.model, device=device, trainable=command != "sample")
+    model, tokenizer = grpo.load_model(cfg.model, device=device, trainable=command != "sample",
+                                       precision=cfg.precision, grad_ckpt=cfg.grad_ckpt)
     model.eval()
     eos = grpo.eos_token_ids(model, tokenizer)
     if command == "sft":
@@ -293,7 +294,7 @@ def main(command, cfg):
               f"(greedy: --hl-temperature 0)")
     elif command == "train":
         sft_model = grpo.frozen_copy(model)  # pi_SFT: the HL as it was loaded, frozen
-        ll_model, _ = grpo.load_model(cfg.ll_model, device=device, flag="--ll-model")
+        ll_model, _ = grpo.load_model(cfg.ll_model, device=device, flag="--ll-model", precision=cfg.precision)
         ll_model.eval().requires_grad_(False)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
         step = grpo.load_checkpoint(out, {"hl": model}, {"hl": optimizer}) if cfg.resume else 0

@@ -38,7 +38,7 @@ def test_lambda_zero_is_plain_grpo(tokenizer):
     eos = [tokenizer.eos_token_id]
     contexts = [[cg.as_example(PROBLEMS[2])] * 3, [None, cg.as_example(PROBLEMS[0]), None]]
     m1, r1, o1 = setup(tokenizer)
-    rec_ctx, roll_ctx = cg.ll_step(m1, r1, r1, o1, tokenizer, PROBLEMS[:2], contexts, c, 0, eos)
+    rec_ctx, roll_ctx = cg.ll_step(m1, r1, None, o1, tokenizer, PROBLEMS[:2], contexts, c, 0, eos)  # no prior: never run
     m2, r2, o2 = setup(tokenizer)
     rec_plain, roll_plain = grpo.grpo_step(m2, r2, o2, tokenizer, PROBLEMS[:2], c, 0, eos, contexts)
     assert torch.equal(roll_ctx["rewards"], roll_plain["rewards"])

@@ -57,6 +57,15 @@ def test_greedy_equals_model_generate(tiny_model, tokenizer):
     assert ours == hf_greedy(tiny_model, p, 24, eos, tokenizer.pad_token_id)
 
 
+def test_greedy_equals_model_generate_with_eager_attention(tokenizer):
+    model = make_tiny_model(tokenizer)
+    model.set_attn_implementation("eager")  # an additive float mask instead of sdpa's boolean one
+    p = prompts(tokenizer)
+    eos = grpo.eos_token_ids(model, tokenizer)
+    ours, _ = grpo.generate(model, p, 24, temperature=0, eos_token_ids=eos)
+    assert ours == hf_greedy(model, p, 24, eos, tokenizer.pad_token_id)
+
+
 def test_greedy_equals_naive_decoder_with_rows_finishing_early(tiny_model, tokenizer):
     p = prompts(tokenizer)
     free, _ = grpo.generate(tiny_model, p, 20, temperature=0, eos_token_ids=[])
@@ -205,6 +214,98 @@ def test_policy_update_is_independent_of_micro_batch(tokenizer):
         grpo.policy_update(model, ref, opt, rows, comps, adv, cfg, beta=0.1, max_len=8, temperature=1.0)
         weights.append(model.model.embed_tokens.weight.detach().clone())
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# --precision bf16 (the GPU's arithmetic, run here under CPU autocast) and training memory
+
+
+def bf16_model(tokenizer, seed=0):
+    """A tiny model as load_model(precision="bf16", trainable=True) leaves it: fp32 weights, bf16 compute."""
+    model = make_tiny_model(tokenizer, seed=seed)
+    model.compute_dtype = torch.bfloat16
+    return model
+
+
+def test_bf16_path_really_computes_in_bf16(tokenizer):
+    p = prompts(tokenizer)
+    comps = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    fp32, bf16 = make_tiny_model(tokenizer), bf16_model(tokenizer)
+    with torch.no_grad():
+        a, mask = grpo.sequence_logprobs(fp32, p, comps)
+        b, _ = grpo.sequence_logprobs(bf16, p, comps)
+    gap = (a - b).abs().mul(mask).max().item()
+    assert 1e-4 < gap < 0.2  # bf16 rounding is there, and small
+
+
+def test_bf16_policy_equal_to_its_reference_has_zero_kl(tokenizer):
+    # the frozen copy runs the policy's own path, so at step 1 the KL is 0; a pure bf16 copy (the old layout)
+    # would not be: this is what tells the two apart
+    p = prompts(tokenizer)
+    comps = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    model = bf16_model(tokenizer)
+    with torch.no_grad():
+        lp, mask = grpo.sequence_logprobs(model, p, comps)
+        ref, _ = grpo.sequence_logprobs(grpo.frozen_copy(model), p, comps)
+        pure, _ = grpo.sequence_logprobs(grpo.frozen_copy(model).to(torch.bfloat16), p, comps)
+    kl = lambda r: (grpo.k3_kl(lp, r) * mask).sum().item() / mask.sum().item()  # noqa: E731
+    assert kl(ref) < 1e-5
+    assert kl(pure) > 1e-5
+    # and so does a whole first update with beta > 0, as a run logs it
+    cfg = SimpleNamespace(micro_batch=2, updates=1, clip_eps=0.2, loss_norm="seq", grad_clip=1.0)
+    stats = grpo.policy_update(model, grpo.frozen_copy(model), torch.optim.AdamW(model.parameters()), p, comps,
+                               torch.tensor([1.0, -1.0, 0.5]), cfg, beta=0.04, max_len=4, temperature=1.0)
+    assert stats["kl"] < 1e-5
+
+
+def test_bf16_sampler_keeps_its_contract(tokenizer):
+    model = bf16_model(tokenizer)
+    p = prompts(tokenizer)
+    eos = grpo.eos_token_ids(model, tokenizer)
+    ours, _ = grpo.generate(model, p, 16, temperature=0, eos_token_ids=eos)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours == hf_greedy(model, p, 16, eos, tokenizer.pad_token_id)
+    rows = [x for x in p for _ in range(2)]
+    tokens, logps = grpo.generate(model, rows, 16, 1.0, seed=0)
+    with torch.no_grad():
+        recomputed, mask = grpo.sequence_logprobs(model, rows, tokens, 1.0)
+    sampled, _ = grpo.pad_completions(logps, value=0.0)
+    assert (recomputed - sampled).abs().mul(mask).max().item() < 0.05  # bf16 rounding of different kernels
+
+
+def test_kv_cache_is_written_in_place_in_the_compute_dtype():
+    cache = grpo.KVCache(max_len=6, dtype=torch.bfloat16)
+    k, v = torch.randn(2, 1, 4, 3), torch.randn(2, 1, 4, 3)
+    K, V = cache.update(k, v, 0)
+    cache.length = 4
+    K2, _ = cache.update(k[:, :, :1] + 1, v[:, :, :1], 0)
+    assert K.dtype == torch.bfloat16 and K.shape[2] == 4 and K2.shape[2] == 5
+    assert K2.data_ptr() == K.data_ptr()  # the same buffer, a longer view: nothing was copied
+    assert torch.equal(K2[:, :, :4], k.bfloat16()) and torch.equal(K2[:, :, 4], (k[:, :, 0] + 1).bfloat16())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
+    p = prompts(tokenizer)
+    comps = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    grads = []
+    for ckpt in (False, True):
+        model = make_tiny_model(tokenizer, seed=2).train()
+        if ckpt:
+            grpo.enable_grad_ckpt(model)
+        lp, mask = grpo.sequence_logprobs(model, p, comps)
+        (lp * mask).sum().backward()
+        grads.append(torch.cat([q.grad.flatten() for q in model.parameters()]))
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_policy_update_frees_the_gradients(tokenizer):
+    model = make_tiny_model(tokenizer)
+    cfg = SimpleNamespace(micro_batch=2, updates=1, clip_eps=0.2, loss_norm="seq", grad_clip=1.0)
+    rows = prompts(tokenizer)[:2]
+    grpo.policy_update(model, None, torch.optim.AdamW(model.parameters()), rows, [[5, 6], [7]],
+                       torch.tensor([1.0, -1.0]), cfg, beta=0.0, max_len=4, temperature=1.0)
+    assert all(q.grad is None for q in model.parameters())
 
 
 # -----------------------------------------------------------------------------
