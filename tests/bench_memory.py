@@ -8,7 +8,8 @@ Both run the project's own code (grpo.sequence_logprobs, grpo.policy_update, grp
 (fp32 weights, bf16 autocast; frozen copies run the same path, so they are fp32 too), with and without --grad-ckpt.
 
 CPU: saved-tensor hooks count the bytes autograd holds for backward (distinct storages) in the training forward
-of one row, for 1 and 2 decoder layers and two lengths: the slope is the bytes per token per layer, the rest
+of one row, for 1 and 2 decoder layers and two lengths (with a 4,096-token vocabulary, to be quick on a CPU:
+what is held per token does not depend on it, since the projection is recomputed chunk by chunk in backward): the slope is the bytes per token per layer, the rest
 the part outside the layers. The peak of a step is then: the static bytes of the models in memory (counted from
 the 24-layer model's parameters: trained = fp32 weights + AdamW moments, + fp32 gradients for the model being
 updated; frozen = fp32 weights), the bf16 casts autocast keeps of the updated model's weights, the activations
@@ -31,12 +32,14 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models",
 GiB = 2 ** 30
 
 
-def build(config, layers, device, seed=0):
-    """A random model of the config with `layers` decoder layers, as load_model(trainable=True, precision=bf16)
-    leaves it: fp32 weights, bf16 compute."""
+def build(config, layers, device, seed=0, vocab=None):
+    """A random model of the config with `layers` decoder layers (and `vocab` tokens if given), as
+    load_model(trainable=True, precision=bf16) leaves it: fp32 weights, bf16 compute."""
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(**{**json.load(open(config)), "num_hidden_layers": layers})
+    cfg = json.load(open(config))
+    small = {"vocab_size": vocab, "bos_token_id": None, "eos_token_id": None} if vocab else {}
+    cfg = AutoConfig.for_model(**{**cfg, "num_hidden_layers": layers, **small})
     model = AutoModelForCausalLM.from_config(cfg).to(device)
     model.compute_dtype = torch.bfloat16
     return model
@@ -72,7 +75,8 @@ def cpu(args):
           f"one row of {args.probe[0]} and {args.probe[1]} tokens")
     rates = {}
     for ckpt in (False, True):
-        m = {(L, T): saved_bytes(build(args.config, L, "cpu"), 1, T, ckpt) for L in (1, 2) for T in args.probe}
+        m = {(L, T): saved_bytes(build(args.config, L, "cpu", vocab=4096), 1, T, ckpt) for L in (1, 2)
+             for T in args.probe}
         T0, T1 = args.probe
         layer = ((m[2, T1] - m[1, T1]) - (m[2, T0] - m[1, T0])) / (T1 - T0)   # per token per layer
         layer_const = (m[2, T0] - m[1, T0]) - layer * T0                      # per layer, e.g. bf16 weight casts
