@@ -75,6 +75,8 @@ def bench(name, model, prompt_ids, max_new_tokens, eos, pad_id, fixed, device, r
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2", help="model name or folder (ignored with --config)")
+    ap.add_argument("--tokenizer", default="", help="with --config: a tokenizer folder for the prompts' text "
+                                                     "(default: the embedded SmolLM2's)")
     ap.add_argument("--config", default=None, help="a config.json: random-initialised model (default on a GPU: "
                                                     "../shared/models/qwen2.5-0.5b-config.json)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -96,7 +98,7 @@ def main():
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         cfg = json.load(open(args.config))
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).to(args.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(grpo.resolve_model("smollm2"))  # only for prompt text ids
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or grpo.resolve_model("smollm2"))  # prompt ids only
         vocab = model.config.vocab_size
         encode = lambda text: [t % vocab for t in grpo.encode(tokenizer, text)]  # noqa: E731
         eos = [model.config.eos_token_id]

