@@ -102,6 +102,10 @@ class Config(hl_generator.Config, context_grpo.Config):
         if cfg.hl == "none" and (cfg.hl_steps > 0 or cfg.joint or cfg.context_at != "none"):
             raise SystemExit("--hl none: there is no HL to train or to give contexts (set --hl-steps 0, "
                              "--context-at none, no --joint)")
+        if self.exp in (2, 4) and cfg.ll_steps > 0:
+            raise SystemExit(f"--exp {self.exp} keeps the LL frozen (that is the experiment): --ll-steps {cfg.ll_steps} "
+                             f"would train it; for a trained LL with test-time contexts only, take --exp "
+                             f"{self.exp + 1} --context-at test")
         if cfg.joint and (cfg.icpo or cfg.ll_steps == 0):
             raise SystemExit("--joint needs LL steps (not --frozen-ll / --ll-steps 0) and is not combined with --icpo")
 

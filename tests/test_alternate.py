@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import alternate as alternate_py
 import eval_math500
 import grpo
 from conftest import MATH500
@@ -118,6 +119,13 @@ def test_contradictory_flags_get_a_clear_message(tiny_model_dir, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "alternate.py"), "--exp", "1", "--joint",
                            "--model", tiny_model_dir], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--hl none" in proc.stderr
+
+
+@pytest.mark.parametrize("exp", [2, 4])
+def test_a_frozen_ll_experiment_refuses_ll_steps(exp):
+    with pytest.raises(SystemExit, match=f"--exp {exp} keeps the LL frozen"):
+        grpo.parse_config(alternate_py.Config, ["--exp", str(exp), "--ll-steps", "4"])
+    grpo.parse_config(alternate_py.Config, ["--exp", str(exp), "--ll-steps", "0"])  # stating the default is fine
 
 # -----------------------------------------------------------------------------
 # eval_math500
