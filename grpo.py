@@ -740,6 +740,25 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0
     return loss, stats
 
 
+def world_size():
+    """How many processes share the batch: torchrun's WORLD_SIZE once a process group is up, else 1."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def average_gradients(model):
+    """Data parallelism by hand: every rank's gradient becomes the mean over ranks (one all-reduce per
+    parameter). With each rank's loss the mean over its own equal share of the rows, the mean over ranks is
+    the gradient of one process with the whole batch, in both loss normalisations. An explicit all-reduce
+    rather than DistributedDataParallel: the same call serves the LL, the HL and the SFT, and the model
+    stays the plain transformers module every other function reads (get_decoder, checkpointing)."""
+    world = world_size()
+    if world > 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
+
+
 def policy_update(model, ref_model, optimizer, prompt_ids, completion_ids, advantages, cfg, beta, max_len,
                   temperature, is_off=None, gamma=0.1):
     """cfg.updates optimiser steps of grpo_loss on these rollouts, cfg.micro_batch rows at a time (gradients
@@ -774,6 +793,7 @@ def policy_update(model, ref_model, optimizer, prompt_ids, completion_ids, advan
             st["loss"] = loss.item()
             for key, v in st.items():
                 sums[key] = sums.get(key, 0.0) + v * len(rows) / N
+        average_gradients(model)  # under torchrun: the mean over ranks (a no-op in one process)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free until the next update
@@ -820,6 +840,9 @@ def parse_config(cls, argv=None):
     cfg.check(). With --resume DIR the saved DIR/config.json is the base: the folder must have been made
     by the same script; a flag given explicitly overrides it if it is in RESUMABLE (printed), and is an
     error otherwise (a resumed experiment is the same experiment)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("torchrun: the entry scripts do not split their batches over ranks yet (only the gradient "
+                         "average, grpo.average_gradients, is built); run them with python, one process")
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n\n")[0],
                                      epilog=getattr(cls, "EPILOG", None), allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # tables kept as written

@@ -144,6 +144,7 @@ def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
         idx = [(step * cfg.sft_batch + k) % len(tp) for k in range(cfg.sft_batch)]
         loss = sft_loss(model, [tp[i] for i in idx], [tt[i] for i in idx])
         loss.backward()
+        grpo.average_gradients(model)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
