@@ -59,6 +59,7 @@ EXPERIMENTS = {  # the table above: the defaults that --exp sets
 
 @dataclass
 class Config(hl_generator.Config, context_grpo.Config):
+    TORCHRUN = False  # not split over ranks yet: refused under torchrun
     HIDDEN = ("steps", "context", "ll_model", "n_show", "sample_every", "save_every")  # set by --exp / unused here
     EPILOG = TABLE  # --help shows the experiment table
     model: str = arg("smollm2", "the LL (and the HL's base, unless --hl-model): smollm2, Qwen2.5-0.5B, a hub id or a folder")

@@ -452,8 +452,9 @@ def stream_seed(seed, purpose, *keys):
     """The seed of one random stream: a hash (numpy's SeedSequence) of the run's seed, what the stream is for
     (one of PURPOSES: LL rollouts, the HL step's contexts and its LL answers, the HL contexts of the LL
     phase, ICPO demonstrations, evaluation; "data" is reserved: batch_indices seeds its own shuffle) and
-    where it is used (the step, ...). Two purposes never share noise; a run is reproducible from its seed."""
-    entropy = [seed, PURPOSES.index(purpose), *keys]
+    where it is used (the step, ...), and under torchrun the rank. Two purposes never share noise; a run is
+    reproducible from its seed (and its world size)."""
+    entropy = [seed, PURPOSES.index(purpose), *keys] + ([rank()] if world_size() > 1 else [])  # ranks differ
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
@@ -745,6 +746,59 @@ def world_size():
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def init_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1): the process group (NCCL on CUDA, gloo on a CPU) and this rank's device
+    (cuda:LOCAL_RANK); ranks other than 0 print nothing. Plain python: nothing happens, device unchanged."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    cuda = str(device).startswith("cuda")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints; errors still reach stderr
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
+
+
+def _comm_device():
+    """Where a tensor must be to be all-reduced: NCCL reduces GPU tensors, gloo CPU ones."""
+    return f"cuda:{torch.cuda.current_device()}" if torch.distributed.get_backend() == "nccl" else "cpu"
+
+
+def reduce_record(record):
+    """A step's log record over ranks, so that it reads as one process's: means (each rank had an equal share
+    of the problems), sums for throughputs, maxima for memory and time. A no-op in one process."""
+    if world_size() == 1:
+        return record
+    keys = sorted(k for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                  and k != "step")  # the step is every rank's own
+    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64, device=_comm_device())
+    total, top = values.clone(), values.clone()
+    torch.distributed.all_reduce(total)
+    torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+    for k, t, m in zip(keys, total.tolist(), top.tolist()):
+        record[k] = t if k.endswith("_tok_s") else m if k in ("peak_mem_gb", "time") else t / world_size()
+    return record
+
+
+def check_in_step(model):
+    """Under torchrun: every rank must hold the same weights (the averaged gradients keep them so); a stop
+    with a clear message if not, rather than a run that silently trains N different models."""
+    if world_size() > 1:
+        with torch.no_grad():
+            x = torch.stack([sum(p.double().sum() for p in model.parameters()).to(_comm_device())] * 2)
+            x[1] = -x[1]
+            torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+            if x[0] != -x[1]:
+                raise RuntimeError(f"the ranks' weights differ (checksums {x[0].item()} vs {-x[1].item()})")
+
+
 def average_gradients(model):
     """Data parallelism by hand: every rank's gradient becomes the mean over ranks (one all-reduce per
     parameter). With each rank's loss the mean over its own equal share of the rows, the mean over ranks is
@@ -840,9 +894,9 @@ def parse_config(cls, argv=None):
     cfg.check(). With --resume DIR the saved DIR/config.json is the base: the folder must have been made
     by the same script; a flag given explicitly overrides it if it is in RESUMABLE (printed), and is an
     error otherwise (a resumed experiment is the same experiment)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("torchrun: the entry scripts do not split their batches over ranks yet (only the gradient "
-                         "average, grpo.average_gradients, is built); run them with python, one process")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not getattr(cls, "TORCHRUN", False):
+        raise SystemExit(f"torchrun: {_script(cls)} does not split its work over ranks yet (grpo.py and "
+                         f"context_grpo.py do); run it with python, one process")
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n\n")[0],
                                      epilog=getattr(cls, "EPILOG", None), allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # tables kept as written
@@ -898,6 +952,9 @@ def start_run(cfg):
     """Create the run folder, write config.json (with the script that made it), seed everything; print the
     config. A new run (no --resume) into a folder that already holds one is an error unless --overwrite,
     which deletes that run's files first: a second run never mixes its metrics or checkpoint into a first."""
+    if rank() != 0:  # under torchrun rank 0 makes the folder; the others wait for it
+        torch.distributed.barrier()
+        return cfg.out
     if not cfg.resume and os.path.exists(os.path.join(cfg.out, "config.json")):
         if not cfg.overwrite:
             raise SystemExit(f"{cfg.out} already holds a run: --resume {cfg.out} to continue it, --overwrite to "
@@ -913,6 +970,8 @@ def start_run(cfg):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    if world_size() > 1:
+        torch.distributed.barrier()
     return cfg.out
 
 
@@ -1034,6 +1093,7 @@ def _restore(ckpt, models, optimizers):
 
 @dataclass
 class Config:
+    TORCHRUN = True  # data-parallel under torchrun (train_loop splits each batch over ranks)
     model: str = arg("smollm2", "LL model: smollm2 (embedded default), Qwen2.5-0.5B, a hub id or a local folder")
     data: str = arg("ops", "training problems: a JSONL path, a built-in task (offline: `ops`, made-up operators; "
                              "`arith`, sums) or `math500` (hub)")
@@ -1178,17 +1238,26 @@ def log_sample(out, step, problem, text, reward, context=None):
 def train_loop(cfg, out, step, problems, step_fn, models, optimizers, tokenizer, name="step"):
     """The loop every LL entry script shares: batch, step_fn(batch, step) -> (record, rollouts), log,
     a sample every cfg.sample_every steps, a checkpoint every cfg.save_every steps and at the end."""
-    saved = False
+    saved, world, me = False, world_size(), rank()
     while step < cfg.steps:
         batch = [problems[i] for i in batch_indices(len(problems), cfg.batch_problems, step, cfg.seed)]
+        share = len(batch) // world
+        batch = batch[me * share:(me + 1) * share]  # under torchrun: this rank's problems (whole groups)
         record, roll = step_fn(batch, step)
+        record = reduce_record(record)
         step += 1
-        log_jsonl(out, "metrics.jsonl", record)
-        print_record(name, record, cfg.steps)
-        if cfg.sample_every and step % cfg.sample_every == 0:
-            log_sample(out, step, batch[0], roll["texts"][0], roll["rewards"][0].item(), roll.get("context"))
+        if me == 0:
+            log_jsonl(out, "metrics.jsonl", record)
+            print_record(name, record, cfg.steps)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                log_sample(out, step, batch[0], roll["texts"][0], roll["rewards"][0].item(), roll.get("context"))
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            save_checkpoint(out, step, models, optimizers, tokenizer)
+            for m in models.values():
+                check_in_step(m)
+            if me == 0:
+                save_checkpoint(out, step, models, optimizers, tokenizer)
+            if world > 1:
+                torch.distributed.barrier()  # the checkpoint is whole before any rank goes on
             saved = True
     print(f"done: {out}/metrics.jsonl" + (f", checkpoint in {out}/ckpt/" if saved else " (nothing left to train)"))
 
@@ -1199,8 +1268,11 @@ def setup(cfg, keep_phi0=False):
     EOS ids. The data is read and checked first: a bad file stops the run before the folder or a model is
     touched."""
     problems = load_problems(cfg.data, cfg.limit or None, cfg.seed)
+    device = init_distributed(pick_device(cfg.device))
+    if cfg.batch_problems % world_size():
+        raise SystemExit(f"--batch-problems {cfg.batch_problems}: the global batch must divide by the world size "
+                         f"{world_size()} (each rank takes an equal share of the problems)")
     out = start_run(cfg)
-    device = pick_device(cfg.device)
     model, tokenizer = load_model(cfg.model, device=device, trainable=True, precision=cfg.precision,
                                   grad_ckpt=cfg.grad_ckpt)
     model.eval()

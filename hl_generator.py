@@ -233,6 +233,7 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
 
 @dataclass
 class Config(grpo.Config):
+    TORCHRUN = False  # not split over ranks yet: refused under torchrun
     HIDDEN = ("beta", "group_size", "max_prompt_tokens")  # the LL's KL weight and group: beta_hl and hl_group here
     model: str = arg("smollm2", "HL model: smollm2, Qwen2.5-0.5B, a hub id, or a folder (an SFT'd HL)")
     out: str = arg("runs/hl", "run folder (sft: the SFT'd HL is saved in OUT/hl)")

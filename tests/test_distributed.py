@@ -1,6 +1,9 @@
 """Data parallelism, the gradient half (grpo.average_gradients): an update whose rows are split over 2 gloo
 ranks on the CPU gives the parameters of one process doing that update on all rows."""
+import json
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +15,7 @@ import grpo
 import hl_generator
 from conftest import make_tiny_model
 
+ROOT = os.path.join(os.path.dirname(__file__), "..")
 CASES = [("seq", 1), ("token", 1), ("seq", 2)]  # loss normalisation, optimiser steps per batch
 
 
@@ -63,7 +67,37 @@ def test_update_split_over_two_ranks_equals_one_process(tokenizer, tmp_path):
     assert not torch.allclose(half["ll-seq-1"], alone["ll-seq-1"], atol=1e-6)
 
 
-def test_scripts_refuse_torchrun_until_their_batches_are_split(monkeypatch):
+def test_scripts_not_split_yet_refuse_torchrun(monkeypatch):
+    import alternate
+    import eval_math500
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="torchrun"):
-        grpo.parse_config(grpo.Config, [])
+    for cls in (hl_generator.Config, alternate.Config, eval_math500.Config):
+        with pytest.raises(SystemExit, match="torchrun"):
+            grpo.parse_config(cls, [])
+
+
+def torchrun(args, cwd, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           os.path.join(ROOT, "grpo.py")] + args
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_grpo_under_torchrun_trains_checkpoints_and_resumes(tiny_model_dir, tmp_path):
+    common = ["--model", tiny_model_dir, "--batch-problems", "2", "--group-size", "2", "--max-new-tokens", "6",
+              "--save-every", "2", "--sample-every", "1", "--device", "cpu", "--lr", "1e-3"]
+    proc = torchrun(common + ["--steps", "2", "--out", "dp"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("step 1/2 |") == 1  # rank 0 alone prints
+    metrics = [json.loads(l) for l in open(tmp_path / "dp" / "metrics.jsonl")]
+    assert [r["step"] for r in metrics] == [1, 2]  # one line per step, not one per rank
+    assert os.path.exists(tmp_path / "dp" / "ckpt" / "policy" / "config.json")
+    proc = torchrun(["--resume", "dp", "--steps", "3"], tmp_path)  # every rank loads the checkpoint
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [json.loads(l)["step"] for l in open(tmp_path / "dp" / "metrics.jsonl")] == [1, 2, 3]
+    # (check_in_step, run at every checkpoint, stops the run if the ranks' weights differ)
+
+
+def test_torchrun_batch_must_divide_by_the_world_size(tiny_model_dir, tmp_path):
+    proc = torchrun(["--model", tiny_model_dir, "--batch-problems", "3", "--steps", "1", "--device", "cpu"], tmp_path)
+    assert proc.returncode != 0 and "must divide by the world size 2" in proc.stderr
