@@ -761,8 +761,9 @@ def init_distributed(device):
     if rank() != 0:
         sys.stdout = open(os.devnull, "w")  # rank 0 alone prints; errors still reach stderr
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
     return device
 
 
@@ -792,11 +793,12 @@ def check_in_step(model):
     with a clear message if not, rather than a run that silently trains N different models."""
     if world_size() > 1:
         with torch.no_grad():
-            x = torch.stack([sum(p.double().sum() for p in model.parameters()).to(_comm_device())] * 2)
-            x[1] = -x[1]
-            torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
-            if x[0] != -x[1]:
-                raise RuntimeError(f"the ranks' weights differ (checksums {x[0].item()} vs {-x[1].item()})")
+            total = sum(p.double().sum() for p in model.parameters()).to(_comm_device())
+            hi, lo = total.clone(), total.clone()
+            torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+            if hi != lo:
+                raise RuntimeError(f"the ranks' weights differ (checksums from {lo.item()} to {hi.item()})")
 
 
 def average_gradients(model):
