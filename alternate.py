@@ -59,7 +59,6 @@ EXPERIMENTS = {  # the table above: the defaults that --exp sets
 
 @dataclass
 class Config(hl_generator.Config, context_grpo.Config):
-    TORCHRUN = False  # not split over ranks yet: refused under torchrun
     HIDDEN = ("steps", "context", "ll_model", "n_show", "sample_every", "save_every")  # set by --exp / unused here
     EPILOG = TABLE  # --help shows the experiment table
     model: str = arg("smollm2", "the LL (and the HL's base, unless --hl-model): smollm2, Qwen2.5-0.5B, a hub id or a folder")
@@ -176,8 +175,7 @@ def load_hl(cfg, tok, problems, held, out, device):
         pairs = hl_generator.build_sft_pairs(problems, held)
         print(f"theta_0: SFT of the HL on D_SFT ({len(pairs)} pairs)")
         hl_generator.sft(hl, tok, pairs, cfg, tok.eos_token_id)
-        hl.save_pretrained(sft_dir)
-        tok.save_pretrained(sft_dir)
+        hl_generator.save_model(hl, tok, sft_dir)
     return hl.eval()
 
 
@@ -189,8 +187,11 @@ def main(cfg):
     eval_problems = eval_all[:cfg.eval_limit] if cfg.eval_limit else eval_all
     held = eval_all + (grpo.load_problems(cfg.holdout) if cfg.holdout else [])
     problems = grpo.drop_overlap(grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed), held)
+    device = grpo.init_distributed(grpo.pick_device(cfg.device))  # under torchrun: each rank takes its share of
+    grpo.check_divides(cfg.batch_problems)                         # every batch, rank 0 alone writes and prints
+    if cfg.hl == "sft" and not cfg.hl_init:
+        grpo.check_divides(cfg.sft_batch, "--sft-batch")
     out = grpo.start_run(cfg)
-    device = grpo.pick_device(cfg.device)
     train_ll, use_hl = cfg.ll_steps > 0, cfg.hl != "none"
     test_ctx, train_ctx = use_hl and cfg.context_at in ("test", "train+test"), use_hl and cfg.context_at == "train+test"
     print(f"HICRL experiment {cfg.exp}: HL {cfg.hl}, LL {'GRPO' if train_ll else 'frozen'}, context {cfg.context_at}; "
@@ -226,7 +227,7 @@ def main(cfg):
     def eta():
         return f"  ~{(time.time() - t_loop) / done * (steps_left - done):.0f}s of training steps left (evaluation aside)"
 
-    def log(phase, t, record):
+    def log(phase, t, record):  # rank 0 writes
         grpo.log_jsonl(out, "metrics.jsonl", {"step": t + 1, "phase": phase,
                                               **{f"{phase}/{k}": v for k, v in record.items() if k != "step"}})
 
@@ -250,6 +251,7 @@ def main(cfg):
         for k in range(cfg.ll_steps):
             idx = t * cfg.ll_steps + k
             batch = [problems[i] for i in grpo.batch_indices(len(problems), cfg.batch_problems, idx, cfg.seed)]
+            batch = grpo.my_share(batch)  # this rank's problems (all of them in one process)
             if cfg.joint:
                 record, roll = joint_step(ll, ref, prior, hl, sft_model, ll_opt, hl_opt, tok, batch, cfg, idx, eos)
             elif cfg.icpo:  # n_off demonstrations per problem, sampled with, trained without (§7)
@@ -262,6 +264,7 @@ def main(cfg):
                 record, roll = context_grpo.ll_step(ll, ref, prior, ll_opt, tok, batch, contexts, cfg, idx, eos)
                 record.update(ctx_stats)
             done += 1
+            record = grpo.reduce_record(record)  # under torchrun: the mean over ranks, as one process's would read
             log("ll", t, record)
             grpo.print_record(f"round {t + 1}/{cfg.rounds} ll step", {**record, "step": k + 1}, cfg.ll_steps)
             print(eta())
@@ -269,8 +272,9 @@ def main(cfg):
         for k in range(hl_steps):
             idx = t * cfg.hl_steps + k
             batch = [problems[i] for i in grpo.batch_indices(len(problems), cfg.batch_problems, idx, cfg.seed + 1)]
-            record, roll = hl_generator.hl_step(hl, sft_model, ll, hl_opt, tok, batch, cfg, idx, eos)
+            record, roll = hl_generator.hl_step(hl, sft_model, ll, hl_opt, tok, grpo.my_share(batch), cfg, idx, eos)
             done += 1
+            record = grpo.reduce_record(record)
             log("hl", t, record)
             grpo.print_record(f"round {t + 1}/{cfg.rounds} hl step", {**record, "step": k + 1}, cfg.hl_steps)
             print(eta())

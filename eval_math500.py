@@ -64,10 +64,13 @@ def evaluate(ll_model, tokenizer, problems, eos, hl_model=None, samples=1, tempe
     x's own answer in its box (`ctx_has_answer`): a right answer there may be a copy."""
     if samples > 1 and temperature == 0:
         raise SystemExit("--samples K > 1 needs --temperature > 0 (greedy answers would all be the same)")
+    source = "hl" if hl_model is not None else "retrieved" if contexts is not None else "none"
     records, t0 = [], time.time()
+    # under torchrun each rank scores its share of the problems, and the records are gathered in order
+    problems, contexts = grpo.my_share(problems), grpo.my_share(contexts or [None] * len(problems))
     for start in range(0, len(problems), batch_size):
         batch = problems[start:start + batch_size]
-        ctxs, hl_texts = (contexts or [None] * len(problems))[start:start + batch_size], [None] * len(batch)
+        ctxs, hl_texts = contexts[start:start + batch_size], [None] * len(batch)
         if hl_model is not None:
             ctx, _, hl_out, _ = generate_contexts(hl_model, tokenizer, batch, 1, max_context_tokens, 0.0, eos,
                                                   self_threshold=self_threshold)
@@ -92,11 +95,11 @@ def evaluate(ll_model, tokenizer, problems, eos, hl_model=None, samples=1, tempe
         left = (time.time() - t0) / done * (len(problems) - done)
         acc = sum(r["score"] for r in records) / done
         log(f"eval {done}/{len(problems)} | acc so far {acc:.3f} | ~{left:.0f}s left")
-    if out_file:
+    records = grpo.gather(records)
+    if out_file and grpo.rank() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
         with open(out_file, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-    source = "hl" if hl_model is not None else "retrieved" if contexts is not None else "none"
     return summarize(records, samples, source, time.time() - t0)
 
 
@@ -302,7 +305,7 @@ def main(cfg):
         contexts = grpo.retrieve(problems, grpo.load_problems(cfg.pool), cfg.self_threshold)
         print(f"retrieved a worked example from {cfg.pool} for {sum(c is not None for c in contexts)} of "
               f"{len(problems)} problems")
-    device = grpo.pick_device(cfg.device)
+    device = grpo.init_distributed(grpo.pick_device(cfg.device))  # under torchrun each rank scores a share
     model, tokenizer = grpo.load_model(cfg.model, device=device, precision=cfg.precision)
     hl_model = grpo.load_model(cfg.hl_model, device=device, flag="--hl-model",
                                precision=cfg.precision)[0].eval() if cfg.hl_model else None

@@ -767,6 +767,34 @@ def init_distributed(device):
     return device
 
 
+def my_share(items):
+    """This rank's contiguous share of a list (all of it in one process). A step's problems divide evenly
+    (setup checks it), so each rank gets whole groups; an evaluation set may not, and the shares differ by one."""
+    world, me = world_size(), rank()
+    return items[len(items) * me // world:len(items) * (me + 1) // world]
+
+
+def gather(items):
+    """Every rank's list, concatenated in rank order (the inverse of my_share); the list itself in one process."""
+    if world_size() == 1:
+        return items
+    parts = [None] * world_size()
+    torch.distributed.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def barrier():
+    """Under torchrun: wait for every rank (e.g. until rank 0 has written a file the others read)."""
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def check_divides(batch_problems, flag="--batch-problems"):
+    if batch_problems % world_size():
+        raise SystemExit(f"{flag} {batch_problems}: the global batch must divide by the world size {world_size()} "
+                         f"(each rank takes an equal share of the problems)")
+
+
 def _comm_device():
     """Where a tensor must be to be all-reduced: NCCL reduces GPU tensors, gloo CPU ones."""
     return f"cuda:{torch.cuda.current_device()}" if torch.distributed.get_backend() == "nccl" else "cpu"
@@ -896,9 +924,6 @@ def parse_config(cls, argv=None):
     cfg.check(). With --resume DIR the saved DIR/config.json is the base: the folder must have been made
     by the same script; a flag given explicitly overrides it if it is in RESUMABLE (printed), and is an
     error otherwise (a resumed experiment is the same experiment)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not getattr(cls, "TORCHRUN", False):
-        raise SystemExit(f"torchrun: {_script(cls)} does not split its work over ranks yet (grpo.py and "
-                         f"context_grpo.py do); run it with python, one process")
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n\n")[0],
                                      epilog=getattr(cls, "EPILOG", None), allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # tables kept as written
@@ -955,7 +980,7 @@ def start_run(cfg):
     config. A new run (no --resume) into a folder that already holds one is an error unless --overwrite,
     which deletes that run's files first: a second run never mixes its metrics or checkpoint into a first."""
     if rank() != 0:  # under torchrun rank 0 makes the folder; the others wait for it
-        torch.distributed.barrier()
+        barrier()
         return cfg.out
     if not cfg.resume and os.path.exists(os.path.join(cfg.out, "config.json")):
         if not cfg.overwrite:
@@ -972,13 +997,15 @@ def start_run(cfg):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
-    if world_size() > 1:
-        torch.distributed.barrier()
+    barrier()
     return cfg.out
 
 
 def write_json(path, obj):
-    """Write a JSON file whole or not at all (beside, then renamed): a kill never leaves half a file."""
+    """Write a JSON file whole or not at all (beside, then renamed): a kill never leaves half a file. Under
+    torchrun rank 0 alone writes (this and log_jsonl), so a script's every rank may call them."""
+    if rank() != 0:
+        return
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)
@@ -1003,6 +1030,8 @@ def read_jsonl(path):
 
 
 def log_jsonl(folder, name, record):
+    if rank() != 0:
+        return
     with open(os.path.join(folder, name), "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -1016,23 +1045,28 @@ def peak_memory_gb():
 def save_checkpoint(folder, step, models, optimizers, tokenizer=None):
     """folder/ckpt/: each model in save_pretrained form (folder/ckpt/<name>/), and state.pt with the
     optimisers, the step and the RNG states. Written beside and then renamed, so a crash while saving
-    leaves the previous checkpoint whole."""
-    final, tmp = os.path.join(folder, "ckpt"), os.path.join(folder, "ckpt.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for name, model in models.items():
-        model.save_pretrained(os.path.join(tmp, name))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(os.path.join(tmp, name))
-    torch.save({"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               os.path.join(tmp, "state.pt"))
-    old = final + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    leaves the previous checkpoint whole. Under torchrun every rank calls it: the ranks' weights are checked
+    to be the same, rank 0 writes, and no rank goes on before the checkpoint is whole."""
+    for model in models.values():
+        check_in_step(model)
+    if rank() == 0:
+        final, tmp = os.path.join(folder, "ckpt"), os.path.join(folder, "ckpt.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for name, model in models.items():
+            model.save_pretrained(os.path.join(tmp, name))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(os.path.join(tmp, name))
+        torch.save({"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+                   os.path.join(tmp, "state.pt"))
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
 
 
 def load_checkpoint(folder, models, optimizers):
@@ -1095,7 +1129,6 @@ def _restore(ckpt, models, optimizers):
 
 @dataclass
 class Config:
-    TORCHRUN = True  # data-parallel under torchrun (train_loop splits each batch over ranks)
     model: str = arg("smollm2", "LL model: smollm2 (embedded default), Qwen2.5-0.5B, a hub id or a local folder")
     data: str = arg("ops", "training problems: a JSONL path, a built-in task (offline: `ops`, made-up operators; "
                              "`arith`, sums) or `math500` (hub)")
@@ -1240,26 +1273,19 @@ def log_sample(out, step, problem, text, reward, context=None):
 def train_loop(cfg, out, step, problems, step_fn, models, optimizers, tokenizer, name="step"):
     """The loop every LL entry script shares: batch, step_fn(batch, step) -> (record, rollouts), log,
     a sample every cfg.sample_every steps, a checkpoint every cfg.save_every steps and at the end."""
-    saved, world, me = False, world_size(), rank()
+    saved = False
     while step < cfg.steps:
         batch = [problems[i] for i in batch_indices(len(problems), cfg.batch_problems, step, cfg.seed)]
-        share = len(batch) // world
-        batch = batch[me * share:(me + 1) * share]  # under torchrun: this rank's problems (whole groups)
+        batch = my_share(batch)  # under torchrun: this rank's problems (whole groups)
         record, roll = step_fn(batch, step)
         record = reduce_record(record)
         step += 1
-        if me == 0:
-            log_jsonl(out, "metrics.jsonl", record)
-            print_record(name, record, cfg.steps)
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                log_sample(out, step, batch[0], roll["texts"][0], roll["rewards"][0].item(), roll.get("context"))
+        log_jsonl(out, "metrics.jsonl", record)  # rank 0 alone writes and prints
+        print_record(name, record, cfg.steps)
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            log_sample(out, step, batch[0], roll["texts"][0], roll["rewards"][0].item(), roll.get("context"))
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            for m in models.values():
-                check_in_step(m)
-            if me == 0:
-                save_checkpoint(out, step, models, optimizers, tokenizer)
-            if world > 1:
-                torch.distributed.barrier()  # the checkpoint is whole before any rank goes on
+            save_checkpoint(out, step, models, optimizers, tokenizer)  # every rank (it checks, rank 0 writes)
             saved = True
     print(f"done: {out}/metrics.jsonl" + (f", checkpoint in {out}/ckpt/" if saved else " (nothing left to train)"))
 
@@ -1271,9 +1297,7 @@ def setup(cfg, keep_phi0=False):
     touched."""
     problems = load_problems(cfg.data, cfg.limit or None, cfg.seed)
     device = init_distributed(pick_device(cfg.device))
-    if cfg.batch_problems % world_size():
-        raise SystemExit(f"--batch-problems {cfg.batch_problems}: the global batch must divide by the world size "
-                         f"{world_size()} (each rank takes an equal share of the problems)")
+    check_divides(cfg.batch_problems)
     out = start_run(cfg)
     model, tokenizer = load_model(cfg.model, device=device, trainable=True, precision=cfg.precision,
                                   grad_ckpt=cfg.grad_ckpt)

@@ -95,11 +95,26 @@ def build_sft_pairs(train_problems, holdout_problems=()):
 # SFT: theta_0
 
 
-def sft_loss(model, prompt_ids, target_ids):
-    """Mean negative log-likelihood of the target tokens given the prompt. The prompt tokens are not in
-    the completion, so their loss weight is 0 by construction (the completion mask of grpo.py)."""
+def sft_loss(model, prompt_ids, target_ids, n_tokens=None):
+    """Mean negative log-likelihood of the target tokens given the prompt, over n_tokens (default: these
+    rows' target tokens). The prompt tokens are not in the completion, so their loss weight is 0 by
+    construction (the completion mask of grpo.py)."""
     logp, mask = sequence_logprobs(model, prompt_ids, target_ids)
-    return -(logp * mask).sum() / mask.sum()
+    return -(logp * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
+
+
+def sft_step(model, optimizer, prompt_ids, target_ids):
+    """One SFT update on a batch: the mean NLL over all of its target tokens. Under torchrun each rank takes
+    its share of the pairs and divides by the whole batch's token count over the world size, so the averaged
+    gradient is one process's on the whole batch. Returns the batch's loss."""
+    n_tokens = sum(len(t) for t in target_ids) / grpo.world_size()
+    loss = sft_loss(model, grpo.my_share(prompt_ids), grpo.my_share(target_ids), n_tokens)
+    loss.backward()
+    grpo.average_gradients(model)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grpo.reduce_record({"loss": loss.item()})["loss"]
 
 
 def sft_examples(tokenizer, pairs, max_context_tokens, eos_id):
@@ -120,7 +135,8 @@ def sft_examples(tokenizer, pairs, max_context_tokens, eos_id):
 
 def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
     """Supervised fine-tuning of the HL on D_SFT: AdamW, cfg.sft_batch pairs per step, cfg.sft_steps steps
-    (cycling), loss on the target tokens only; the held-out loss (cfg.sft_heldout pairs) before and after."""
+    (cycling), loss on the target tokens only; the held-out loss (cfg.sft_heldout pairs) before and after.
+    Under torchrun every rank holds every pair and takes its share of each step's (sft_step)."""
     prompts, targets = sft_examples(tokenizer, pairs, cfg.max_context_tokens, eos_id)
     if len(prompts) < 2:
         raise SystemExit(f"SFT: {len(prompts)} of {len(pairs)} D_SFT pairs fit --max-context-tokens "
@@ -142,15 +158,10 @@ def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
     t0 = time.time()
     for step in range(cfg.sft_steps):
         idx = [(step * cfg.sft_batch + k) % len(tp) for k in range(cfg.sft_batch)]
-        loss = sft_loss(model, [tp[i] for i in idx], [tt[i] for i in idx])
-        loss.backward()
-        grpo.average_gradients(model)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = sft_step(model, opt, [tp[i] for i in idx], [tt[i] for i in idx])
         if (step + 1) % max(1, cfg.sft_steps // 10) == 0 or step == cfg.sft_steps - 1:
             left = (time.time() - t0) / (step + 1) * (cfg.sft_steps - step - 1)
-            log(f"SFT step {step + 1}/{cfg.sft_steps} | loss {loss.item():.3f} | ~{left:.0f}s left")
+            log(f"SFT step {step + 1}/{cfg.sft_steps} | loss {loss:.3f} | ~{left:.0f}s left")
     model.eval()
     after = heldout()
     log(f"SFT: held-out loss after {after:.3f}")
@@ -233,7 +244,6 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
 
 @dataclass
 class Config(grpo.Config):
-    TORCHRUN = False  # not split over ranks yet: refused under torchrun
     HIDDEN = ("beta", "group_size", "max_prompt_tokens")  # the LL's KL weight and group: beta_hl and hl_group here
     model: str = arg("smollm2", "HL model: smollm2, Qwen2.5-0.5B, a hub id, or a folder (an SFT'd HL)")
     out: str = arg("runs/hl", "run folder (sft: the SFT'd HL is saved in OUT/hl)")
@@ -254,6 +264,14 @@ class Config(grpo.Config):
     n_show: int = arg(4, "sample: contexts to print", ge=1)
 
 
+def save_model(model, tokenizer, folder):
+    """save_pretrained of the model and its tokenizer, by rank 0 (every rank waits for it under torchrun)."""
+    if grpo.rank() == 0:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    grpo.barrier()
+
+
 def find_holdout(cfg):
     """Problems to keep out of D_SFT: --holdout, else the test split of a built-in task (arith-test for
     --data arith), else math500.jsonl beside --data when it exists (alternate.py passes its --eval-data)."""
@@ -269,10 +287,16 @@ def find_holdout(cfg):
 
 
 def main(command, cfg):
+    if command == "sample" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("torchrun: `hl_generator.py sample` only prints a few contexts: run it with python")
     problems = grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed)  # the data first: a bad file stops early
     holdout = find_holdout(cfg) if command == "sft" else []
+    device = grpo.init_distributed(grpo.pick_device(cfg.device))  # under torchrun: the process group, this rank's GPU
+    if command == "train":
+        grpo.check_divides(cfg.batch_problems)
+    elif command == "sft":
+        grpo.check_divides(cfg.sft_batch, "--sft-batch")
     out = grpo.start_run(cfg) if command != "sample" else cfg.out  # sample only prints: no run folder
-    device = grpo.pick_device(cfg.device)
     model, tokenizer = grpo.load_model(cfg.model, device=device, trainable=command != "sample",
                                        precision=cfg.precision, grad_ckpt=cfg.grad_ckpt)
     model.eval()
@@ -281,8 +305,7 @@ def main(command, cfg):
         pairs = build_sft_pairs(problems, holdout)
         print(f"D_SFT: {len(pairs)} pairs, e.g.\n  x : {pairs[0][0]['problem'][:120]!r}\n  x': {pairs[0][1][0][:120]!r}")
         sft(model, tokenizer, pairs, cfg, tokenizer.eos_token_id)
-        model.save_pretrained(os.path.join(out, "hl"))
-        tokenizer.save_pretrained(os.path.join(out, "hl"))
+        save_model(model, tokenizer, os.path.join(out, "hl"))
         print(f"saved the SFT'd HL to {out}/hl")
     elif command == "sample":
         batch = problems[:cfg.n_show]

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import eval_math500
 import grpo
 import hl_generator
 from conftest import make_tiny_model
@@ -45,11 +46,29 @@ def updates(tokenizer, rows, comps, rewards):
     return out
 
 
+def sft_and_eval(tokenizer, folder):
+    """What takes the WHOLE batch on every rank and splits it itself: one SFT step (returns its loss, and the
+    parameters after it) and a greedy evaluation of 5 problems (an uneven split: 3 + 2), its records gathered."""
+    rows, comps, _ = rollouts(tokenizer)
+    model = make_tiny_model(tokenizer, seed=3)
+    targets = sorted(comps, key=len)  # 6 target tokens on rank 0, 14 on rank 1: a mean per rank would not do
+    loss = hl_generator.sft_step(model, torch.optim.SGD(model.parameters(), lr=0.5), rows, targets)
+    problems = [{"problem": f"What is {a} + {a + 1}?", "answer": str(2 * a + 1)} for a in range(5)]
+    summary = eval_math500.evaluate(make_tiny_model(tokenizer, seed=4), tokenizer, problems, [tokenizer.eos_token_id],
+                                    max_new_tokens=5, batch_size=2, out_file=os.path.join(folder, "eval.jsonl"),
+                                    log=lambda *_: None)
+    grpo.barrier()  # rank 0 writes the file: read it once it is whole
+    return {"sft": torch.cat([p.detach().flatten() for p in model.parameters()]), "sft_loss": loss,
+            "n": summary["n"], "responses": [json.loads(l)["responses"] for l in open(os.path.join(folder, "eval.jsonl"))]}
+
+
 def _rank(rank, world, store, folder, tokenizer):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     rows, comps, rewards = rollouts(tokenizer)
     share = slice(rank * len(rows) // world, (rank + 1) * len(rows) // world)  # whole groups: 2 problems each
-    torch.save(updates(tokenizer, rows[share], comps[share], rewards[share]), os.path.join(folder, f"{rank}.pt"))
+    out = updates(tokenizer, rows[share], comps[share], rewards[share])
+    out.update(sft_and_eval(tokenizer, os.path.join(folder, "dp")))
+    torch.save(out, os.path.join(folder, f"{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -65,20 +84,26 @@ def test_update_split_over_two_ranks_equals_one_process(tokenizer, tmp_path):
     # one rank's half alone (no averaging) would not match: what the all-reduce is for
     half = updates(tokenizer, *[x[:4] for x in rollouts(tokenizer)])
     assert not torch.allclose(half["ll-seq-1"], alone["ll-seq-1"], atol=1e-6)
+    # SFT and evaluation split the whole batch themselves: the same parameters, loss and records as one process
+    one = sft_and_eval(tokenizer, str(tmp_path / "one"))
+    assert torch.equal(ranks[0]["sft"], ranks[1]["sft"])
+    assert torch.allclose(ranks[0]["sft"], one["sft"], atol=1e-6), (ranks[0]["sft"] - one["sft"]).abs().max()
+    assert not torch.allclose(one["sft"], torch.cat([p.detach().flatten() for p in
+                                                      make_tiny_model(tokenizer, seed=3).parameters()]))
+    assert ranks[0]["sft_loss"] == pytest.approx(one["sft_loss"], rel=1e-5) == ranks[1]["sft_loss"]
+    assert ranks[0]["n"] == ranks[1]["n"] == one["n"] == 5  # every rank's summary counts all the problems
+    assert ranks[0]["responses"] == one["responses"]  # in order, greedy answers word for word
 
 
-def test_scripts_not_split_yet_refuse_torchrun(monkeypatch):
-    import alternate
-    import eval_math500
+def test_hl_sample_refuses_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for cls in (hl_generator.Config, alternate.Config, eval_math500.Config):
-        with pytest.raises(SystemExit, match="torchrun"):
-            grpo.parse_config(cls, [])
+    with pytest.raises(SystemExit, match="torchrun"):
+        hl_generator.main("sample", grpo.parse_config(hl_generator.Config, []))
 
 
-def torchrun(args, cwd, nproc=2):
+def torchrun(args, cwd, nproc=2, script="grpo.py"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           os.path.join(ROOT, "grpo.py")] + args
+           os.path.join(ROOT, script)] + args
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
@@ -101,3 +126,30 @@ def test_grpo_under_torchrun_trains_checkpoints_and_resumes(tiny_model_dir, tmp_
 def test_torchrun_batch_must_divide_by_the_world_size(tiny_model_dir, tmp_path):
     proc = torchrun(["--model", tiny_model_dir, "--batch-problems", "3", "--steps", "1", "--device", "cpu"], tmp_path)
     assert proc.returncode != 0 and "must divide by the world size 2" in proc.stderr
+
+
+def test_alternate_exp5_under_torchrun_trains_evaluates_and_resumes(tiny_model_dir, tmp_path):
+    from test_alternate import TINY
+    args = ["--exp", "5", "--model", tiny_model_dir, "--out", "a"] + TINY
+    args[args.index("--batch-problems") + 1] = "2"  # one problem per rank; SFT: one pair per rank
+    proc = torchrun(args, tmp_path, script="alternate.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("before/after: accuracy") == 1  # rank 0 alone prints
+    rows = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [(r["step"], r["phase"]) for r in rows] == [(0, "eval"), (1, "ll"), (1, "ll"), (1, "hl"), (1, "eval")]
+    assert rows[-1]["eval/n"] == 3  # the 3 evaluation problems split 2 + 1 over the ranks and gathered
+    assert len(open(tmp_path / "a" / "eval_round1.jsonl").readlines()) == 3
+    for folder in ("hl_sft", "ckpt/ll", "ckpt/hl"):
+        assert os.path.exists(tmp_path / "a" / folder / "config.json"), folder
+    proc = torchrun(["--resume", "a", "--rounds", "2"], tmp_path, script="alternate.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "theta_0: the SFT'd HL already in" in proc.stdout
+    rows = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["phase"] == "ll"] == [1, 1, 2, 2]  # one line per LL step, not per rank
+    # (save_checkpoint runs check_in_step at every checkpoint: a rank whose weights differ stops the run)
+
+
+def test_sft_batch_must_divide_by_the_world_size(tiny_model_dir, tmp_path):
+    proc = torchrun(["sft", "--model", tiny_model_dir, "--sft-batch", "3", "--device", "cpu"], tmp_path,
+                    script="hl_generator.py")
+    assert proc.returncode != 0 and "--sft-batch 3: the global batch must divide by the world size 2" in proc.stderr
