@@ -7,6 +7,7 @@ experiments, every ablation. This is the command to run.
         --eval-data ../shared/data/math500.jsonl --rounds 20   # one GPU
     python alternate.py --exp 3 --lam 0                   # an experiment with an ablation
     python alternate.py --resume runs/alternate           # continue a run
+    torchrun --standalone --nproc_per_node 8 alternate.py --model Qwen2.5-0.5B --batch-problems 16 ...  # 8 GPUs
 
     theta_0 <- SFT on D_SFT (or --hl-init DIR);  phi_0 <- --ll-init DIR (an exp-1 checkpoint) or the base
     model;  q = p_ref = frozen phi_0;  pi_SFT = frozen theta_0.
@@ -187,8 +188,9 @@ def main(cfg):
     eval_problems = eval_all[:cfg.eval_limit] if cfg.eval_limit else eval_all
     held = eval_all + (grpo.load_problems(cfg.holdout) if cfg.holdout else [])
     problems = grpo.drop_overlap(grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed), held)
-    device = grpo.init_distributed(grpo.pick_device(cfg.device))  # under torchrun: each rank takes its share of
-    grpo.check_divides(cfg.batch_problems)                         # every batch, rank 0 alone writes and prints
+    # under torchrun each rank takes its share of every batch (and of the evaluation); rank 0 alone writes, prints
+    device = grpo.init_distributed(grpo.pick_device(cfg.device))
+    grpo.check_divides(cfg.batch_problems)
     if cfg.hl == "sft" and not cfg.hl_init:
         grpo.check_divides(cfg.sft_batch, "--sft-batch")
     out = grpo.start_run(cfg)
