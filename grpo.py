@@ -802,17 +802,23 @@ def _comm_device():
 
 def reduce_record(record):
     """A step's log record over ranks, so that it reads as one process's: means (each rank had an equal share
-    of the problems), sums for throughputs, maxima for memory and time. A no-op in one process."""
+    of the problems), sums for throughputs, maxima for memory and time. A number a rank could not measure
+    (absent or NaN: e.g. the utilisation when none of its rows had a context) is left out of the mean, not
+    allowed to poison it or to misalign the ranks' tensors. A no-op in one process."""
     if world_size() == 1:
         return record
-    keys = sorted(k for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                  and k != "step")  # the step is every rank's own
-    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64, device=_comm_device())
-    total, top = values.clone(), values.clone()
+    mine = {k for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    every = [None] * world_size()  # the step is every rank's own; the other keys may differ between ranks
+    torch.distributed.all_gather_object(every, mine)
+    keys = sorted(set().union(*every))
+    values = torch.tensor([float(record.get(k, math.nan)) for k in keys], dtype=torch.float64, device=_comm_device())
+    seen = (~values.isnan()).double()
+    total, count, top = values.nan_to_num(0.0), seen.clone(), values.nan_to_num(-math.inf)
     torch.distributed.all_reduce(total)
+    torch.distributed.all_reduce(count)
     torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
-    for k, t, m in zip(keys, total.tolist(), top.tolist()):
-        record[k] = t if k.endswith("_tok_s") else m if k in ("peak_mem_gb", "time") else t / world_size()
+    for k, t, n, m in zip(keys, total.tolist(), count.tolist(), top.tolist()):
+        record[k] = math.nan if n == 0 else t if k.endswith("_tok_s") else m if k in ("peak_mem_gb", "time") else t / n
     return record
 
 

@@ -68,6 +68,11 @@ def _rank(rank, world, store, folder, tokenizer):
     share = slice(rank * len(rows) // world, (rank + 1) * len(rows) // world)  # whole groups: 2 problems each
     out = updates(tokenizer, rows[share], comps[share], rewards[share])
     out.update(sft_and_eval(tokenizer, os.path.join(folder, "dp")))
+    record = {"step": 3, "acc": [0.5, 0.25][rank], "acc_ctx": [float("nan"), 1.0][rank], "sample_tok_s": 10.0,
+              "time": [1.0, 2.0][rank]}
+    if rank == 1:
+        record["util"] = 0.3  # rank 0 had no context: no utilisation to log
+    out["record"] = grpo.reduce_record(record)
     torch.save(out, os.path.join(folder, f"{rank}.pt"))
     dist.destroy_process_group()
 
@@ -93,6 +98,9 @@ def test_update_split_over_two_ranks_equals_one_process(tokenizer, tmp_path):
     assert ranks[0]["sft_loss"] == pytest.approx(one["sft_loss"], rel=1e-5) == ranks[1]["sft_loss"]
     assert ranks[0]["n"] == ranks[1]["n"] == one["n"] == 5  # every rank's summary counts all the problems
     assert ranks[0]["responses"] == one["responses"]  # in order, greedy answers word for word
+    # a logged record: means, summed throughputs, maximum time; what one rank could not measure is left out
+    want = {"step": 3, "acc": 0.375, "acc_ctx": 1.0, "sample_tok_s": 20.0, "time": 2.0, "util": 0.3}
+    assert ranks[0]["record"] == ranks[1]["record"] == want
 
 
 def test_hl_sample_refuses_torchrun(monkeypatch):
