@@ -126,8 +126,9 @@ def ll_step(model, ref_model, prior, optimizer, tokenizer, batch, contexts, cfg,
     # 1-2. rollouts y_i ~ p_phi(. | x, c_i) and R_task (+ the format bonus)
     roll = grpo.rollouts(model, tokenizer, batch, contexts, cfg, step, eos)
     # 3. the utilisation term and the shaped reward (§4.4), then group advantages
+    # (measured whenever there is a prior, so lambda = 0 logs the utilisation it does not reward)
     u, util_stats = (utilisation(prior, tokenizer, batch, contexts, roll["completions"], roll["sampler_logp"], cfg)
-                     if cfg.lam else (torch.zeros(len(roll["rewards"])), {}))  # lambda = 0: no forward of q at all
+                     if prior is not None else (torch.zeros(len(roll["rewards"])), {}))
     rewards = roll["rewards"] + cfg.lam * u                                  # r_i = R_task + lambda * U~_i
     adv = group_advantages(rewards, cfg.group_size, cfg.scale_by_std)
     # 4. policy update: log-probs and KL to p_ref WITH the context (§3.2)
