@@ -122,9 +122,11 @@ def experiment_defaults(cfg):
 
 
 def changed_flags(cfg):
-    """The flags that differ from the defaults of cfg's experiment, as "name=value, ..." (for the report)."""
-    base = {**asdict(Config()), **experiment_defaults(Config(exp=cfg.exp))}
-    skip = {"out", "resume", "device", "exp"}
+    """The flags that differ from the defaults of cfg's experiment, as "name=value, ..." (for the report); not
+    the fields derived from others (steps, the hidden ones; eval_data when it is --data's test split)."""
+    base = {**asdict(Config()), **experiment_defaults(Config(exp=cfg.exp)),
+            "eval_data": grpo.HELDOUT.get(cfg.data, "math500")}
+    skip = {"out", "resume", "device", "exp", *Config.HIDDEN}
     return ", ".join(f"{k}={v}" for k, v in asdict(cfg).items() if k not in skip and base.get(k) != v)
 
 

@@ -792,7 +792,7 @@ def barrier():
 def check_divides(batch_problems, flag="--batch-problems"):
     if batch_problems % world_size():
         raise SystemExit(f"{flag} {batch_problems}: the global batch must divide by the world size {world_size()} "
-                         f"(each rank takes an equal share of the problems)")
+                         f"(each rank takes an equal share of it)")
 
 
 def _comm_device():

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -126,6 +127,18 @@ def test_a_frozen_ll_experiment_refuses_ll_steps(exp):
     with pytest.raises(SystemExit, match=f"--exp {exp} keeps the LL frozen"):
         grpo.parse_config(alternate_py.Config, ["--exp", str(exp), "--ll-steps", "4"])
     grpo.parse_config(alternate_py.Config, ["--exp", str(exp), "--ll-steps", "0"])  # stating the default is fine
+
+
+@pytest.mark.parametrize("argv, flags", [
+    ([], ""),                                                   # steps, eval_data, context: derived, not flags
+    (["--ll-steps", "4", "--seed", "1"], "seed=1, ll_steps=4"),  # not steps=8
+    (["--data", "arith"], "data=arith"),                         # not eval_data=arith-test
+    (["--data", "arith", "--eval-data", "ops-test"], "data=arith, eval_data=ops-test"),
+    (["--exp", "4", "--lam", "0"], "lam=0.0"),
+])
+def test_changed_flags_are_what_the_user_set(argv, flags):
+    cfg = grpo.parse_config(alternate_py.Config, argv)
+    assert alternate_py.changed_flags(replace(cfg, **alternate_py.experiment_defaults(cfg))) == flags
 
 # -----------------------------------------------------------------------------
 # eval_math500
