@@ -53,6 +53,27 @@ def accuracy_interval(scores, samples):
     return mean, max(0.0, mean - half), min(1.0, mean + half)
 
 
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student t_{0.975, df}, df 1-10
+
+
+def t975(df):
+    """The 97.5% quantile of Student's t with df degrees of freedom: the table above, and beyond df = 10 its
+    Cornish-Fisher expansion around the normal's 1.96 (within 0.003 of the exact value there)."""
+    z = 1.959964
+    return T975[df - 1] if df <= 10 else z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def seeds_interval(accs):
+    """95% interval of the mean accuracy over seeds, t-based over the seeds' accuracies (mean +- t * sd / sqrt(n)),
+    clipped to [0, 1]: the seed-to-seed uncertainty the interval over problems leaves out. None for one seed."""
+    n = len(accs)
+    if n < 2:
+        return None
+    mean = sum(accs) / n
+    half = t975(n - 1) * math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1) / n)
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
 @torch.no_grad()
 def evaluate(ll_model, tokenizer, problems, eos, hl_model=None, samples=1, temperature=0.0, max_new_tokens=512,
              max_context_tokens=384, batch_size=16, seed=0, out_file=None, log=print, self_threshold=0.9,
@@ -169,9 +190,11 @@ def report(folders, log=print):
         if ev is not None:
             groups.setdefault((ev[0].get("exp", "-"), ", ".join(_flags(ev[0])) or "-"), []).append(ev)
     if any(len(runs) > 1 for runs in groups.values()):
-        log("\nOver seeds (95% CI: over problems, of each problem's mean over the seeds' answers, so that one "
-            "problem's answers are not counted as independent trials):\n\n| exp | flags | seeds | acc, mean | "
-            "spread (min - max) | 95% CI | context carried the answer |\n|---:|---|---:|---:|---|---|---:|")
+        log("\nOver seeds (95% CI over problems: of each problem's mean over the seeds' answers, so that one "
+            "problem's answers are not counted as independent trials; over seeds: t-based, over the seeds' "
+            "accuracies, what a rerun with new seeds could give):\n\n| exp | flags | seeds | acc, mean | "
+            "spread (min - max) | 95% CI over problems | 95% CI over seeds | context carried the answer |\n"
+            "|---:|---|---:|---:|---|---|---|---:|")
         for (exp, flags), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
             accs = [ev["acc"] for ev, _ in runs]
             per_problem = {}
@@ -180,8 +203,10 @@ def report(folders, log=print):
                     per_problem.setdefault(r["unique_id"] or r["problem"], []).append(r["score"])
             mean, low, high = accuracy_interval([sum(v) / len(v) for v in per_problem.values()], len(runs))
             carried = [ev["ctx_has_answer"] for ev, _ in runs if ev.get("ctx_has_answer") is not None]
+            over_seeds = seeds_interval(accs)
             log(f"| {exp} | {flags} | {len(runs)} | {mean:.3f} | {min(accs):.3f} - {max(accs):.3f} | "
-                f"[{low:.3f}, {high:.3f}] | {f'{sum(carried) / len(carried):.2f}' if carried else '-'} |")
+                f"[{low:.3f}, {high:.3f}] | {'[%.3f, %.3f]' % over_seeds if over_seeds else '-'} | "
+                f"{f'{sum(carried) / len(carried):.2f}' if carried else '-'} |")
 
 
 def _flags(ev):

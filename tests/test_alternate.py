@@ -233,6 +233,22 @@ def test_report_over_seeds(tmp_path):
     assert any(l.startswith("| 5 | lam=0.0 | 1 |") for l in lines)
 
 
+def test_report_interval_over_seeds(tmp_path):
+    for seed, right in enumerate([4, 5, 3]):  # accuracies 0.5, 0.625, 0.375 on 8 problems
+        _fake_run(tmp_path / f"s{seed}", 5, f"seed={seed}" if seed else "", [1] * right + [0] * (8 - right))
+    lines = []
+    eval_math500.report([str(tmp_path / f"s{seed}") for seed in range(3)], log=lines.append)
+    row = next(l for l in lines if l.startswith("| 5 | - | 3 |"))
+    # mean 0.5, sd over seeds 0.125, t_{0.975, 2} = 4.303: half-width 4.303 * 0.125 / sqrt(3) = 0.311
+    assert "| 0.500 | 0.375 - 0.625 |" in row and "| [0.189, 0.811] |" in row
+    assert eval_math500.seeds_interval([0.3]) is None
+
+
+@pytest.mark.parametrize("df, exact", [(1, 12.706), (10, 2.228), (11, 2.201), (20, 2.086), (30, 2.042), (1000, 1.962)])
+def test_t_quantile(df, exact):
+    assert eval_math500.t975(df) == pytest.approx(exact, abs=0.003)
+
+
 def test_plot_draws_one_panel_per_experiment(tmp_path):
     pytest.importorskip("matplotlib")
     _fake_run(tmp_path / "a0", 5, "", [1, 0])
