@@ -51,6 +51,17 @@ def test_lambda_zero_is_plain_grpo(tokenizer):
     assert not torch.equal(roll_shaped["rewards"], roll_plain["rewards"])
 
 
+def test_lambda_zero_logs_the_utilisation_it_does_not_reward(tokenizer):
+    eos = [tokenizer.eos_token_id]
+    contexts = [[cg.as_example(PROBLEMS[2])] * 3, [None, cg.as_example(PROBLEMS[0]), None]]
+    m1, r1, o1 = setup(tokenizer)
+    rec, roll = cg.ll_step(m1, r1, r1, o1, tokenizer, PROBLEMS[:2], contexts, cfg(lam=0.0), 0, eos)  # q = phi_0
+    m2, r2, o2 = setup(tokenizer)
+    _, roll_plain = grpo.grpo_step(m2, r2, o2, tokenizer, PROBLEMS[:2], cfg(lam=0.0), 0, eos, contexts)
+    assert torch.equal(roll["rewards"], roll_plain["rewards"])  # not rewarded ...
+    assert "util" in rec and rec["util"] == rec["util"]          # ... but measured (a number, not NaN)
+
+
 def test_utilization_matches_hand_computation(tiny_model, tokenizer):
     x, ctx = PROBLEMS[0], cg.as_example(PROBLEMS[1])
     with_c = grpo.encode(tokenizer, grpo.format_prompt(tokenizer, x["problem"], ctx))
