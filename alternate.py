@@ -126,7 +126,7 @@ def changed_flags(cfg):
     the fields derived from others (steps, the hidden ones; eval_data when it is --data's test split)."""
     base = {**asdict(Config()), **experiment_defaults(Config(exp=cfg.exp)),
             "eval_data": grpo.HELDOUT.get(cfg.data, "math500")}
-    skip = {"out", "resume", "device", "exp", *Config.HIDDEN}
+    skip = {"out", "resume", "overwrite", "device", "exp", *Config.HIDDEN}
     return ", ".join(f"{k}={v}" for k, v in asdict(cfg).items() if k not in skip and base.get(k) != v)
 
 

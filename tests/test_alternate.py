@@ -135,6 +135,7 @@ def test_a_frozen_ll_experiment_refuses_ll_steps(exp):
     (["--data", "arith"], "data=arith"),                         # not eval_data=arith-test
     (["--data", "arith", "--eval-data", "ops-test"], "data=arith, eval_data=ops-test"),
     (["--exp", "4", "--lam", "0"], "lam=0.0"),
+    (["--overwrite", "--out", "runs/x"], ""),                    # where a run goes is not what it is
 ])
 def test_changed_flags_are_what_the_user_set(argv, flags):
     cfg = grpo.parse_config(alternate_py.Config, argv)
