@@ -1057,14 +1057,21 @@ def save_checkpoint(folder, step, models, optimizers, tokenizer=None):
     if rank() == 0:
         final, tmp = os.path.join(folder, "ckpt"), os.path.join(folder, "ckpt.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        for name, model in models.items():
-            model.save_pretrained(os.path.join(tmp, name))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(os.path.join(tmp, name))
-        torch.save({"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-                   os.path.join(tmp, "state.pt"))
+        try:
+            for name, model in models.items():
+                model.save_pretrained(os.path.join(tmp, name))
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(os.path.join(tmp, name))
+            torch.save({"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+                       os.path.join(tmp, "state.pt"))
+        except (OSError, RuntimeError) as e:  # a full disk surfaces as either, deep inside torch or safetensors
+            shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(folder).free / 2 ** 30
+            raise SystemExit(f"could not write the checkpoint of step {step} into {tmp} ({type(e).__name__}: {e}); "
+                             f"{free:.1f} GB free there. The previous checkpoint, if any, is whole: free space (a "
+                             f"trained SmolLM2 with its AdamW state takes 1.6 GB) and --resume {folder}") from None
         old = final + ".old"
         shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(final):

@@ -176,6 +176,21 @@ def test_a_kill_between_the_renames_resumes_from_the_newest_complete_checkpoint(
     assert "newest complete checkpoint" in capsys.readouterr().out
 
 
+def test_a_full_disk_while_saving_stops_with_a_message_and_keeps_the_last_checkpoint(tokenizer, tmp_path, monkeypatch):
+    model = make_tiny_model(tokenizer)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    grpo.save_checkpoint(str(tmp_path), 4, {"policy": model}, {"policy": opt})
+
+    def full(*args, **kwargs):  # what torch.save raised when a real run filled the disk
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 73280 vs 73172")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit, match=r"could not write the checkpoint of step 6 .* GB free .*--resume"):
+        grpo.save_checkpoint(str(tmp_path), 6, {"policy": model}, {"policy": opt})
+    monkeypatch.undo()
+    assert not (tmp_path / "ckpt.tmp").exists()  # the half-written one is gone ...
+    assert grpo.load_checkpoint(str(tmp_path), {"policy": model}, {"policy": opt}) == 4  # ... the last one whole
+
+
 def test_torn_last_line_is_skipped_and_a_bad_middle_line_named(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "acc')
