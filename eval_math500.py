@@ -43,14 +43,18 @@ def wilson_interval(k, n, z=1.96):
 
 
 def accuracy_interval(scores, samples):
-    """(mean, low, high) of per-problem scores (each the mean over its `samples` answers)."""
+    """(mean, low, high) of per-problem scores (each the mean over its `samples` answers). With several answers
+    per problem: the normal interval over the problems' scores (one problem's answers are not independent
+    trials), widened to Wilson's over all n * samples answers where that is wider: when every answer is wrong
+    (or every one right) the normal interval has no width, and [0, 0] would claim a certainty no run has."""
     n = len(scores)
     mean = sum(scores) / max(n, 1)
     if samples == 1:
         return (mean, *wilson_interval(round(sum(scores)), n))
     sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(n - 1, 1))
     half = 1.96 * sd / math.sqrt(max(n, 1))
-    return mean, max(0.0, mean - half), min(1.0, mean + half)
+    low, high = wilson_interval(round(sum(scores) * samples), n * samples)
+    return mean, max(0.0, min(mean - half, low)), min(1.0, max(mean + half, high))
 
 
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student t_{0.975, df}, df 1-10

@@ -152,6 +152,18 @@ def test_wilson_interval():
     assert (lo, hi) == (pytest.approx(0.4038, abs=1e-4), pytest.approx(0.5962, abs=1e-4))
 
 
+def test_accuracy_interval_over_several_answers():
+    # every answer wrong: the normal interval would be the point [0, 0]; Wilson's over the 416 answers is not
+    mean, lo, hi = eval_math500.accuracy_interval([0.0] * 208, 2)
+    assert (mean, lo) == (0.0, 0.0) and hi == pytest.approx(eval_math500.wilson_interval(0, 416)[1]) and hi > 0.009
+    # answers that agree within each problem: the normal interval over problems is the wider, and it is kept
+    scores = [1.0] * 30 + [0.0] * 70
+    mean, lo, hi = eval_math500.accuracy_interval(scores, 4)
+    half = 1.96 * (sum((s - 0.3) ** 2 for s in scores) / 99) ** 0.5 / 10
+    assert mean == pytest.approx(0.3) and (lo, hi) == (pytest.approx(0.3 - half), pytest.approx(0.3 + half))
+    assert hi - lo > eval_math500.wilson_interval(120, 400)[1] - eval_math500.wilson_interval(120, 400)[0]
+
+
 @pytest.mark.skipif(not os.path.exists(MATH500), reason="../shared/data absent")
 def test_eval_on_math500_with_and_without_a_stub_hl(tiny_model, tokenizer, tmp_path, monkeypatch):
     problems = grpo.load_problems(MATH500, limit=5)
