@@ -214,8 +214,13 @@ def report(folders, log=print):
 
 
 def _flags(ev):
-    """The flags of a run (eval.json's `flags`) but its seed: what makes runs seeds of one experiment."""
-    return [f for f in (ev.get("flags") or "").split(", ") if f and not f.startswith("seed=")]
+    """The flags of a run (eval.json's `flags`) but its seed: what makes runs seeds of one experiment. Read as
+    alternate.py records them today, so that older runs group with newer ones: without the derived `steps=`,
+    `--overwrite`, `--data` at today's default, and `--eval-data` at its --data's test split."""
+    flags = [f for f in (ev.get("flags") or "").split(", ") if f and not f.startswith("seed=")]
+    data = dict(f.split("=", 1) for f in flags).get("data", grpo.Config.data)
+    derived = {f"data={grpo.Config.data}", f"eval_data={grpo.HELDOUT.get(data)}"}
+    return [f for f in flags if f not in derived and not f.startswith(("steps=", "overwrite="))]
 
 
 def _final_eval(folder):

@@ -246,6 +246,22 @@ def test_report_over_seeds(tmp_path):
     assert any(l.startswith("| 5 | lam=0.0 | 1 |") for l in lines)
 
 
+def test_older_runs_group_with_newer_ones(tmp_path):
+    # the same experiment recorded by three vintages of alternate.py: with the derived steps= and overwrite=,
+    # with --data ops from when it was not the default, with --eval-data at --data's test split; --eval-data
+    # elsewhere is a flag of its own
+    _fake_run(tmp_path / "s0", 5, "data=ops, steps=8, lam=0.0, eval_data=ops-test", [1, 0])
+    _fake_run(tmp_path / "s1", 5, "seed=1, overwrite=True, lam=0.0, eval_data=ops-test", [1, 1])
+    _fake_run(tmp_path / "s2", 5, "seed=2, lam=0.0", [0, 0])
+    _fake_run(tmp_path / "m0", 5, "lam=0.0, eval_data=math500", [0, 0])
+    _fake_run(tmp_path / "a0", 5, "data=arith, lam=0.0, eval_data=arith-test", [0, 0])
+    lines = []
+    eval_math500.report([str(tmp_path / f) for f in ("s0", "s1", "s2", "m0", "a0")], log=lines.append)
+    assert any(l.startswith("| 5 | lam=0.0 | 3 |") for l in lines)
+    assert any(l.startswith("| 5 | lam=0.0, eval_data=math500 | 1 |") for l in lines)
+    assert any(l.startswith("| 5 | data=arith, lam=0.0 | 1 |") for l in lines)
+
+
 def test_report_interval_over_seeds(tmp_path):
     for seed, right in enumerate([4, 5, 3]):  # accuracies 0.5, 0.625, 0.375 on 8 problems
         _fake_run(tmp_path / f"s{seed}", 5, f"seed={seed}" if seed else "", [1] * right + [0] * (8 - right))
