@@ -218,7 +218,7 @@ def _flags(ev):
     alternate.py records them today, so that older runs group with newer ones: without the derived `steps=`,
     `--overwrite`, `--data` at today's default, and `--eval-data` at its --data's test split."""
     flags = [f for f in (ev.get("flags") or "").split(", ") if f and not f.startswith("seed=")]
-    data = dict(f.split("=", 1) for f in flags).get("data", grpo.Config.data)
+    data = dict(f.split("=", 1) for f in flags if "=" in f).get("data", grpo.Config.data)
     derived = {f"data={grpo.Config.data}", f"eval_data={grpo.HELDOUT.get(data)}"}
     return [f for f in flags if f not in derived and not f.startswith(("steps=", "overwrite="))]
 
