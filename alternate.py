@@ -60,7 +60,7 @@ EXPERIMENTS = {  # the table above: the defaults that --exp sets
 
 @dataclass
 class Config(hl_generator.Config, context_grpo.Config):
-    HIDDEN = ("steps", "context", "ll_model", "n_show", "sample_every", "save_every")  # set by --exp / unused here
+    HIDDEN = ("steps", "context", "ll_model", "n_show", "sample_every", "save_every", "bonus_steps")  # derived / unused
     EPILOG = TABLE  # --help shows the experiment table
     model: str = arg("smollm2", "the LL (and the HL's base, unless --hl-model): smollm2, Qwen2.5-0.5B, a hub id or a folder")
     exp: int = field(default=5, metadata={"help": "experiment 1-5 (the table in this file's docstring)",
@@ -97,6 +97,7 @@ class Config(hl_generator.Config, context_grpo.Config):
     def check(self):
         """Ranges, models, and contradictory flags (after --exp has filled in its defaults): one clear message
         before any data or model is loaded."""
+        self.bonus_steps = self.bonus_steps or experiment_defaults(self)["steps"]  # ICPO's T, fixed at the start
         super().check()
         self.eval_data = self.eval_data or grpo.HELDOUT.get(self.data, "math500")
         cfg = replace(self, **experiment_defaults(self))
@@ -147,7 +148,7 @@ def ll_contexts(hl, tok, batch, n, cfg, idx, eos, demos=None):
     else:
         contexts, stats = demos(batch, n, idx) if demos else [[None] * n for _ in batch], {}
     if demos:  # ll_step fits its own contexts to --max-prompt-tokens; ICPO's demonstrations are fitted here
-        contexts = context_grpo.fit_contexts(tok, batch, contexts, cfg.max_prompt_tokens)[0]
+        contexts = grpo.fit_contexts(tok, batch, contexts, cfg.max_prompt_tokens)[0]
     return contexts, stats
 
 
@@ -185,8 +186,9 @@ def load_hl(cfg, tok, problems, held, out, device):
 def main(cfg):
     cfg = replace(cfg, **experiment_defaults(cfg))  # flags were checked by parse_config (Config.check)
     # -------------------------------------------------------------------------- data, before any model
-    # eval-set hygiene: no training problem (LL or D_SFT) is an evaluation problem, whatever --eval-limit keeps
-    eval_all = grpo.load_problems(cfg.eval_data, None, cfg.seed + 1)
+    # eval-set hygiene: no training problem (LL or D_SFT) is an evaluation problem, whatever --eval-limit keeps;
+    # one evaluation set whatever the seed: the order of eval_math500.py --limit (seed 0 for a built-in test split)
+    eval_all = grpo.load_problems(cfg.eval_data)
     eval_problems = eval_all[:cfg.eval_limit] if cfg.eval_limit else eval_all
     held = eval_all + (grpo.load_problems(cfg.holdout) if cfg.holdout else [])
     problems = grpo.drop_overlap(grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed), held)
@@ -202,6 +204,7 @@ def main(cfg):
           f"{cfg.rounds} rounds x ({cfg.ll_steps} LL + {cfg.hl_steps} HL steps"
           f"{', joint' if cfg.joint else ''}), {cfg.batch_problems} problems x {cfg.group_size} rollouts, "
           f"eval on {cfg.eval_limit or 'all'} problems of {cfg.eval_data} every {cfg.eval_every} round(s); device {device}. "
+          + (f"ICPO's demonstrations: {'the HL' if train_ctx else 'random training pairs'}. " if cfg.icpo else "")
           + ("With the embedded SmolLM2 on a 2-core CPU this default takes about 8 minutes."
              if device == "cpu" and cfg.exp == 5 and not changed_flags(cfg) and not cfg.resume else ""))
     t_start = time.time()

@@ -4,7 +4,7 @@ lower level), and ICPO, in-context steered policy optimisation (§7), as a mode.
 
     python context_grpo.py --context retrieved --lam 0.1          # LL alone, retrieved worked examples
     python context_grpo.py --context retrieved --lam 0             # the lambda = 0 ablation (plain GRPO reward)
-    python context_grpo.py --icpo                                  # ICPO on the same data
+    python context_grpo.py --icpo                                  # ICPO, a random training pair as D (§7)
     python context_grpo.py --resume runs/context_grpo
 
 HICRL's LL (§3.2, §4): each rollout i of x has its own context c_i and y_i ~ p_phi(. | x, c_i); then
@@ -21,8 +21,8 @@ forcing" (IEF) rollouts y ~ p(. | [D; x]) with a demonstration D prepended. Then
     1. expert-region reject sampling (ERRS): an IEF rollout joins the group only if it is correct
        (R >= delta = 1); it replaces one on-policy rollout (the last ones: they are exchangeable), so the
        group keeps G rows; a wrong one is dropped; both are counted;
-    2. annealed expert bonus: an accepted IEF rollout's reward is R + beta_E * (1 - t/(T-1)), t = 0..T-1
-       (beta_E at the first step, 0 at the last);
+    2. annealed expert bonus: an accepted IEF rollout's reward is R + beta_E * (1 - t/T), t = 0..T-1, T the
+       run's total steps, fixed at its start (a resume with more --steps does not re-stretch the schedule);
     3. advantages (r - mean) / std over the mixed group;
     4. every log-prob of an IEF rollout (current, old, reference) is taken WITHOUT D, as p(y | x): sample
        with the demonstration, train the context-free policy;
@@ -36,6 +36,7 @@ Where this differs from the paper and its public code, numbered:
        neighbour with --context retrieved; alternate.py can put an HL context in its place.
     3. Which on-policy rollout an accepted IEF one replaces is not specified; we replace the last ones.
 """
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -43,8 +44,8 @@ import numpy as np
 import torch
 
 import grpo
-from grpo import (arg, as_example, encode, format_context, format_prompt, generate, group_advantages,
-                  normalize_text, pad_completions, parse_config, policy_update, restates, retrieve, score,
+from grpo import (arg, as_example, encode, fit_contexts, format_context, format_prompt, generate,
+                  group_advantages, normalize_text, pad_completions, parse_config, policy_update, restates, retrieve, score,
                   sequence_logprobs, stream_seed)
 
 # -----------------------------------------------------------------------------
@@ -71,19 +72,6 @@ def context_source(kind, problems, seed=0):
         return random_contexts
     raise ValueError(f"unknown context source {kind!r} (none, retrieved, random)")
 
-
-def fit_contexts(tokenizer, batch, contexts, max_prompt_tokens):
-    """A context that would make the prompt longer than max_prompt_tokens is dropped (the rollout gets
-    no context) and counted: the documented rule, never a crash, never a silent loss."""
-    dropped, fitted = 0, []
-    for p, cs in zip(batch, contexts):
-        row = []
-        for c in cs:
-            if c is not None and len(encode(tokenizer, format_prompt(tokenizer, p["problem"], c))) > max_prompt_tokens:
-                c, dropped = None, dropped + 1
-            row.append(c)
-        fitted.append(row)
-    return fitted, dropped
 
 # -----------------------------------------------------------------------------
 # §4: the utilisation reward
@@ -170,8 +158,8 @@ def make_prior(kind, model, phi0, cfg):
 
 
 def expert_bonus(beta, step, total_steps):
-    """Annealed expert bonus beta * (1 - t/(T-1)) at step t = 0..T-1: beta at the first step, 0 at the last."""
-    return beta * (1.0 - step / max(total_steps - 1, 1))
+    """Annealed expert bonus beta * (1 - t/T) at step t = 0..T-1 (DESIGN §7): beta at the first step, beta/T at the last."""
+    return beta * (1.0 - step / total_steps)
 
 
 def errs_merge(off_problem, off_correct, n_problems, group_size):
@@ -222,7 +210,7 @@ def icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, step, e
     acc, boxed, wrote = acc_all[src], boxed_all[src], wrote_all[src]
     is_off = torch.tensor([i >= B * G for i in src])                          # (B*G,)
     # 2. rewards with the annealed expert bonus on accepted IEF rows
-    bonus = expert_bonus(cfg.icpo_bonus, step, cfg.steps)
+    bonus = expert_bonus(cfg.icpo_bonus, step, cfg.bonus_steps or cfg.steps)
     rewards = rewards_all[src] + bonus * is_off.float()
     # 3. advantages over the mixed group, (r - mean) / std
     adv = group_advantages(rewards, G, scale_by_std=True)
@@ -231,9 +219,12 @@ def icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, step, e
     t1 = time.time()
     stats = policy_update(model, ref_model, optimizer, train_prompts, completions, adv, cfg, cfg.beta,
                           cfg.max_new_tokens, cfg.temperature, is_off=is_off, gamma=cfg.gamma)
+    # the logged sample: group 0's accepted IEF rollout (its last row) with its demonstration, else row 0, no context
+    show = G - 1 if G - 1 in replace else 0
+    off_demos = [d for ds in demos for d in ds if d is not None]
     roll = {"prompt_ids": train_prompts, "completions": completions, "texts": texts, "acc": acc, "boxed": boxed,
-            "wrote_box": wrote, "rewards": rewards, "t0": t0, "t_sample": t_sample,
-            "context": demos[0][0] if demos and demos[0] else None}
+            "wrote_box": wrote, "rewards": rewards, "t0": t0, "t_sample": t_sample, "sample_row": show,
+            "context": off_demos[replace[show]] if show in replace else None}
     record = grpo.step_record(step, roll, rewards, stats, time.time() - t1, eos, G, ref_model)
     record.update(acc_on=acc_all[:B * G].mean().item(),
                   acc_ief=acc_all[B * G:].mean().item() if off_problem else float("nan"),
@@ -247,9 +238,11 @@ def icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, step, e
 
 @dataclass
 class Config(grpo.Config):
+    HIDDEN = ("bonus_steps",)
     out: str = arg("runs/context_grpo", "run folder: config.json, metrics.jsonl, samples.jsonl, ckpt/")
-    context: str = field(default="retrieved", metadata={
-        "help": "context source: retrieved (TF-IDF neighbour), random (training example), none",
+    context: str = field(default="random", metadata={
+        "help": "context source (ICPO's D): random (a training pair, DESIGN §7), retrieved (TF-IDF neighbour), none "
+                "(ICPO: random)",
         "choices": ["retrieved", "random", "none"]})
     lam: float = arg(0.1, "lambda: weight of the utilisation reward (0 = off, the plain GRPO reward)", ge=0)
     tau: float = arg(1.0, "tau': symmetric clip of the utilisation log-ratio", gt=0)
@@ -264,9 +257,18 @@ class Config(grpo.Config):
     icpo_bonus: float = arg(0.5, "ICPO: expert bonus beta_E at step 0, annealed linearly to 0 at the last step", ge=0)
     gamma: float = arg(0.1, "ICPO: shaping f(p) = p / (p + gamma) on IEF tokens", gt=0)
     delta: float = arg(1.0, "ICPO: ERRS acceptance threshold on R_task", ge=0, le=1)
+    bonus_steps: int = arg(0, "ICPO: T of the annealed bonus, the run's total steps at its start (kept on resume)", ge=0)
 
     def check(self):
         super().check()
+        self.bonus_steps = self.bonus_steps or self.steps
+        if self.prior == "base":  # q = the pretrained base model: refused when it would load phi_0's own weights
+            key = lambda name: "smollm2" if name in ("", "smollm2") else os.path.realpath(grpo.resolve_model(name))
+            phi0 = getattr(self, "ll_init", "") or self.model
+            if key(self.base_model or self.model) == key(phi0):
+                raise SystemExit(f"--prior base: the base model ({self.base_model or self.model}) is phi_0 ({phi0}): q "
+                                 f"would be --prior init's; pass --base-model (the model phi_0 was trained from), or "
+                                 f"--ll-init (a trained phi_0) with alternate.py")
         if self.icpo and self.n_off > self.group_size - 1:
             raise SystemExit(f"--n-off {self.n_off}: must be <= --group-size - 1 = {self.group_size - 1} (an accepted IEF "
                              f"rollout replaces an on-policy row of its own group, and one on-policy row stays)")
@@ -277,9 +279,11 @@ def main(cfg):
         cfg, keep_phi0=not cfg.icpo and cfg.prior == "init")
     ref_model = phi0 if cfg.beta > 0 else None
     if cfg.icpo:
-        prior, source = None, context_source("random" if cfg.context == "none" else cfg.context, problems, cfg.seed)
+        kind = "random" if cfg.context == "none" else cfg.context
+        prior, source = None, context_source(kind, problems, cfg.seed)
         print(f"ICPO: {len(problems)} problems, {cfg.batch_problems} x ({cfg.group_size} on-policy + {cfg.n_off} IEF "
-              f"with a {cfg.context} demonstration), {cfg.steps} steps")
+              f"with a demonstration D: {'a random training pair' if kind == 'random' else 'the retrieved neighbour'}), "
+              f"{cfg.steps} steps")
     else:
         prior, source = make_prior(cfg.prior, model, phi0, cfg), context_source(cfg.context, problems, cfg.seed)
         print(f"context GRPO: {len(problems)} problems, {cfg.batch_problems} x {cfg.group_size} rollouts, context "

@@ -192,7 +192,16 @@ def report(folders, log=print):
     for folder in folders:
         ev = _final_eval(folder)
         if ev is not None:
-            groups.setdefault((ev[0].get("exp", "-"), ", ".join(_flags(ev[0])) or "-"), []).append(ev)
+            groups.setdefault((ev[0].get("exp", "-"), ", ".join(_flags(ev[0])) or "-"), []).append((folder, *ev))
+    for key, runs in list(groups.items()):  # pooled answers must be answers to the same problems
+        asked = {os.path.basename(f.rstrip("/")): sorted(str(r["unique_id"] or r["problem"]) for r in records)
+                 for f, _, records in runs}
+        if len({tuple(v) for v in asked.values()}) > 1:
+            log(f"(not pooled over seeds: exp {key[0]}, {key[1]}: its runs evaluated different problems "
+                f"({', '.join(f'{name}: {len(v)}' for name, v in asked.items())}))")
+            del groups[key]
+        else:
+            groups[key] = [run[1:] for run in runs]
     if any(len(runs) > 1 for runs in groups.values()):
         log("\nOver seeds (95% CI over problems: of each problem's mean over the seeds' answers, so that one "
             "problem's answers are not counted as independent trials; over seeds: t-based, over the seeds' "

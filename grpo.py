@@ -445,13 +445,13 @@ def drop_overlap(problems, held, what="evaluation"):
     return kept
 
 
-PURPOSES = ("data", "ll", "hl", "hl_ll", "ctx", "demo", "eval")
+PURPOSES = ("data", "ll", "hl", "hl_ll", "ctx", "demo", "eval", "sft")
 
 
 def stream_seed(seed, purpose, *keys):
     """The seed of one random stream: a hash (numpy's SeedSequence) of the run's seed, what the stream is for
     (one of PURPOSES: LL rollouts, the HL step's contexts and its LL answers, the HL contexts of the LL
-    phase, ICPO demonstrations, evaluation; "data" is reserved: batch_indices seeds its own shuffle) and
+    phase, ICPO demonstrations, evaluation, D_SFT's order; "data" is reserved: batch_indices seeds its own shuffle) and
     where it is used (the step, ...), and under torchrun the rank. Two purposes never share noise; a run is
     reproducible from its seed (and its world size)."""
     entropy = [seed, PURPOSES.index(purpose), *keys] + ([rank()] if world_size() > 1 else [])  # ranks differ
@@ -1194,6 +1194,20 @@ def fit_prompts(tokenizer, problems, max_prompt_tokens, context=None):
     return kept
 
 
+def fit_contexts(tokenizer, batch, contexts, max_prompt_tokens):
+    """A context that would make the LL's prompt longer than max_prompt_tokens is dropped (that rollout gets no
+    context) and counted: one rule for the LL step, the HL step and ICPO's demonstrations. Returns (contexts, dropped)."""
+    dropped, fitted = 0, []
+    for p, cs in zip(batch, contexts):
+        row = []
+        for c in cs:
+            if c is not None and len(encode(tokenizer, format_prompt(tokenizer, p["problem"], c))) > max_prompt_tokens:
+                c, dropped = None, dropped + 1
+            row.append(c)
+        fitted.append(row)
+    return fitted, dropped
+
+
 def rollout_stats(completions, eos_ids):
     """Mean completion length and the fraction of rows that ended with an EOS."""
     lengths = [len(c) for c in completions]
@@ -1294,8 +1308,9 @@ def train_loop(cfg, out, step, problems, step_fn, models, optimizers, tokenizer,
         step += 1
         log_jsonl(out, "metrics.jsonl", record)  # rank 0 alone writes and prints
         print_record(name, record, cfg.steps)
-        if cfg.sample_every and step % cfg.sample_every == 0:
-            log_sample(out, step, batch[0], roll["texts"][0], roll["rewards"][0].item(), roll.get("context"))
+        if cfg.sample_every and step % cfg.sample_every == 0:  # a row of group 0, with the context it was sampled with
+            row = roll.get("sample_row", 0)
+            log_sample(out, step, batch[0], roll["texts"][row], roll["rewards"][row].item(), roll.get("context"))
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
             save_checkpoint(out, step, models, optimizers, tokenizer)  # every rank (it checks, rank 0 writes)
             saved = True

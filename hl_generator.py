@@ -36,8 +36,10 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import grpo
@@ -119,30 +121,48 @@ def sft_step(model, optimizer, prompt_ids, target_ids):
 
 def sft_examples(tokenizer, pairs, max_context_tokens, eos_id):
     """Token ids: the HL prompt of x, and the target "Problem: x'\\nSolution: y'" + EOS, cut to the budget
-    (counted: a cut target teaches a cut format, so it is dropped instead)."""
-    prompts, targets, dropped = [], [], 0
-    for x, example in pairs:
+    (counted: a cut target teaches a cut format, so it is dropped instead); and the indices of the pairs kept."""
+    prompts, targets, kept = [], [], []
+    for i, (x, example) in enumerate(pairs):
         target = encode(tokenizer, format_context(example)) + [eos_id]
         if len(target) > max_context_tokens:
-            dropped += 1
             continue
         prompts.append(encode(tokenizer, hl_prompt(tokenizer, x["problem"])))
         targets.append(target)
-    if dropped:
-        print(f"SFT: dropped {dropped} of {len(pairs)} pairs whose target exceeds {max_context_tokens} tokens")
-    return prompts, targets
+        kept.append(i)
+    if len(kept) < len(pairs):
+        print(f"SFT: dropped {len(pairs) - len(kept)} of {len(pairs)} pairs whose target exceeds {max_context_tokens} tokens")
+    return prompts, targets, kept
+
+
+def sft_order(n, n_held, batch, steps, seed):
+    """D_SFT's order: a seeded permutation of its n pairs, the first n_held held out; step t's batch is
+    grpo.batch_indices over the rest (a pure function of t). Returns (held-out indices, per step its indices)."""
+    perm = np.random.default_rng(stream_seed(seed, "sft")).permutation(n).tolist()
+    held, train = perm[:n_held], perm[n_held:]
+    return held, [[train[i] for i in grpo.batch_indices(len(train), batch, t, seed)] for t in range(steps)]
+
+
+def subjects(pairs, idx):
+    """'k subjects (A n, B m, ...)' of the pairs' problems x at these indices: what the SFT saw."""
+    counts = Counter(str(pairs[i][0].get("subject")) for i in idx).most_common()
+    return f"{len(counts)} subjects (" + ", ".join(f"{k} {v}" for k, v in counts) + ")"
 
 
 def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
-    """Supervised fine-tuning of the HL on D_SFT: AdamW, cfg.sft_batch pairs per step, cfg.sft_steps steps
-    (cycling), loss on the target tokens only; the held-out loss (cfg.sft_heldout pairs) before and after.
+    """Supervised fine-tuning of the HL on D_SFT: AdamW, cfg.sft_batch pairs per step drawn by sft_order, cfg.sft_steps
+    steps, loss on the target tokens only; the held-out loss (cfg.sft_heldout pairs) before and after.
     Under torchrun every rank holds every pair and takes its share of each step's (sft_step)."""
-    prompts, targets = sft_examples(tokenizer, pairs, cfg.max_context_tokens, eos_id)
+    prompts, targets, kept = sft_examples(tokenizer, pairs, cfg.max_context_tokens, eos_id)
     if len(prompts) < 2:
         raise SystemExit(f"SFT: {len(prompts)} of {len(pairs)} D_SFT pairs fit --max-context-tokens "
                          f"{cfg.max_context_tokens}: raise it (or use data with shorter solutions)")
-    n_held = min(cfg.sft_heldout, len(prompts) // 5)
-    hp, ht, tp, tt = prompts[:n_held], targets[:n_held], prompts[n_held:], targets[n_held:]
+    held, batches = sft_order(len(prompts), min(cfg.sft_heldout, len(prompts) // 5), cfg.sft_batch, cfg.sft_steps,
+                              cfg.seed)
+    hp, ht = [prompts[i] for i in held], [targets[i] for i in held]
+    log(f"SFT: subjects of D_SFT: {subjects(pairs, kept)}; of the held-out pairs: "
+        f"{subjects(pairs, [kept[i] for i in held])}; of the pairs the steps draw: "
+        f"{subjects(pairs, [kept[i] for b in batches for i in b])}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
 
     def heldout():
@@ -152,13 +172,12 @@ def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
             return sum(sft_loss(model, hp[i:i + 8], ht[i:i + 8]).item() * len(hp[i:i + 8])
                        for i in range(0, len(hp), 8)) / len(hp)
 
-    log(f"SFT: {len(tp)} train pairs, {len(hp)} held out, {cfg.sft_steps} steps of {cfg.sft_batch}; "
+    log(f"SFT: {len(prompts) - len(hp)} train pairs, {len(hp)} held out, {cfg.sft_steps} steps of {cfg.sft_batch}; "
         f"held-out loss before {heldout():.3f}")
     model.train()
     t0 = time.time()
     for step in range(cfg.sft_steps):
-        idx = [(step * cfg.sft_batch + k) % len(tp) for k in range(cfg.sft_batch)]
-        loss = sft_step(model, opt, [tp[i] for i in idx], [tt[i] for i in idx])
+        loss = sft_step(model, opt, [prompts[i] for i in batches[step]], [targets[i] for i in batches[step]])
         if (step + 1) % max(1, cfg.sft_steps // 10) == 0 or step == cfg.sft_steps - 1:
             left = (time.time() - t0) / (step + 1) * (cfg.sft_steps - step - 1)
             log(f"SFT step {step + 1}/{cfg.sft_steps} | loss {loss:.3f} | ~{left:.0f}s left")
@@ -217,6 +236,7 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
     contexts, hl_prompts, hl_completions, ctx_stats = generate_contexts(
         hl_model, tokenizer, batch, G, cfg.max_context_tokens, hl_temperature, eos,
         seed=stream_seed(cfg.seed, "hl", step), self_threshold=cfg.self_threshold)
+    contexts, dropped = grpo.fit_contexts(tokenizer, batch, contexts, cfg.max_prompt_tokens)  # the LL step's rule
     # 2. M answers of the frozen LL per context; y ~ p_phi(. | x, c), its per-token log-probs (no gradient)
     per_context = [encode(tokenizer, format_prompt(tokenizer, p["problem"], c))
                    for p, cs in zip(batch, contexts) for c in cs]                # (B*G)
@@ -231,7 +251,7 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
     # 4-5. group advantages over the G contexts, the update of pi_theta with the KL to the frozen pi_SFT
     stats = hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, cfg, G)
     record = {"step": step + 1, "reward": r_hl.mean().item(), "acc": acc.mean().item(), "boxed": boxed.mean().item(),
-              **ctx_stats, "ctx_len": sum(len(c) for c in hl_completions) / len(hl_completions),
+              **ctx_stats, "ctx_len": sum(len(c) for c in hl_completions) / len(hl_completions), "ctx_dropped": dropped,
               **grpo.rollout_stats(answers, eos), "zero_var": grpo.zero_variance_fraction(r_hl, G),
               **stats, "peak_mem_gb": grpo.peak_memory_gb(), "time": time.time() - t0}
     roll = {"texts": [tokenizer.decode(hl_completions[0], skip_special_tokens=True)], "rewards": r_hl,

@@ -221,14 +221,14 @@ def test_eval_retrieved_pool_defaults_to_the_training_split():
     assert cfg.pool == "ops"
 
 
-def _fake_run(folder, exp, flags, scores):
+def _fake_run(folder, exp, flags, scores, first=0):
     folder.mkdir()
     n, acc = len(scores), sum(scores) / len(scores)
     ev = {"acc": acc, "ci_low": 0.0, "ci_high": 1.0, "n": n, "rounds": 2, "exp": exp, "flags": flags,
           "parse_rate": None, "ctx_self": None, "ctx_has_answer": None, "wall_clock": 60}
     (folder / "eval.json").write_text(json.dumps(ev))
     (folder / "eval_round2.jsonl").write_text("".join(json.dumps({"unique_id": f"p{i}", "problem": "", "score": v}) + "\n"
-                                                      for i, v in enumerate(scores)))
+                                                      for i, v in enumerate(scores, first)))
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
         {"step": 0, "phase": "eval", "eval/acc": 0.0}, {"step": 1, "phase": "ll", "ll/acc": 0.25},
         {"step": 1, "phase": "ll", "ll/acc": 0.75}, {"step": 2, "phase": "eval", "eval/acc": acc}]))
@@ -244,6 +244,29 @@ def test_report_over_seeds(tmp_path):
     # per-problem means over the two seeds: 1, 0.5, 0, 0 -> mean 0.375, sd 0.479, half-width 1.96 * 0.479 / 2
     assert "| 0.375 | 0.250 - 0.500 | [0.000, 0.844] |" in row
     assert any(l.startswith("| 5 | lam=0.0 | 1 |") for l in lines)
+
+
+def test_report_pools_seeds_only_over_the_same_problems(tmp_path):
+    _fake_run(tmp_path / "a0", 5, "", [0] * 16)
+    _fake_run(tmp_path / "a1", 5, "seed=1", [0] * 16, first=15)  # 1 problem of 16 in common
+    lines = []
+    eval_math500.report([str(tmp_path / f) for f in ("a0", "a1")], log=lines.append)
+    assert not any(l.startswith("| 5 | - | 2 |") for l in lines), "answers to different problems were pooled"
+    assert any("not pooled over seeds" in l and "different problems" in l for l in lines)
+
+
+def test_every_seed_evaluates_the_problems_eval_math500_does(tiny_model_dir, tmp_path):
+    for seed in (0, 1):
+        alternate(["--exp", "1", "--ll-steps", "0", "--model", tiny_model_dir, "--seed", str(seed), "--out", f"s{seed}",
+                   "--eval-limit", "8", "--max-new-tokens", "2", "--device", "cpu"], tmp_path)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval_math500.py"), "--model", tiny_model_dir, "--data",
+                           "ops-test", "--limit", "8", "--max-new-tokens", "2", "--out", "e.jsonl", "--device", "cpu"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ids = [[json.loads(l)["unique_id"] for l in open(tmp_path / f)] for f in ("s0/eval_round0.jsonl",
+                                                                              "s1/eval_round0.jsonl", "e.jsonl")]
+    assert ids[0] == ids[1], "two seeds of one run were evaluated on different problems"
+    assert ids[0] == ids[2], "alternate.py --eval-limit N and eval_math500.py --limit N evaluate different problems"
 
 
 def test_older_runs_group_with_newer_ones(tmp_path):

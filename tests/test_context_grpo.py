@@ -3,7 +3,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -141,7 +141,7 @@ def test_nearest_neighbours_same_subject_never_itself():
 
 def test_fit_contexts_drops_and_counts_long_contexts(tokenizer):
     long_ctx = ("x " * 3000, "y")
-    fitted, dropped = cg.fit_contexts(tokenizer, PROBLEMS[:1], [[long_ctx, cg.as_example(PROBLEMS[1])]], 512)
+    fitted, dropped = grpo.fit_contexts(tokenizer, PROBLEMS[:1], [[long_ctx, cg.as_example(PROBLEMS[1])]], 512)
     assert dropped == 1 and fitted[0][0] is None and fitted[0][1] is not None
 
 
@@ -182,10 +182,53 @@ def test_errs_replaces_only_rows_of_its_own_problem_and_keeps_one_on_policy_row(
         assert row // 4 == [1, 0, 1, 1][j]  # an IEF rollout only ever replaces a row of its own problem
 
 
-def test_expert_bonus_anneals_linearly_to_zero_at_the_last_step():
+def test_expert_bonus_anneals_as_design_says():
     assert cg.expert_bonus(0.5, 0, 10) == 0.5
-    assert cg.expert_bonus(0.5, 9, 10) == 0.0      # steps t = 0..9: the last one gets no bonus
-    assert cg.expert_bonus(0.5, 3, 7) == pytest.approx(0.25)
+    assert cg.expert_bonus(0.5, 9, 10) == pytest.approx(0.05), "beta * (1 - t/T): beta/T at the last step t = T-1"
+    assert cg.expert_bonus(0.5, 5, 10) == pytest.approx(0.25)
+
+
+def test_bonus_schedule_is_fixed_at_the_start_of_the_run(tmp_path):
+    """T of the bonus is the run's --steps at its start: a resume that asks for more steps keeps it."""
+    first = grpo.parse_config(cg.Config, ["--icpo", "--steps", "10", "--out", str(tmp_path)])
+    assert first.bonus_steps == 10
+    grpo.write_json(str(tmp_path / "config.json"), {"script": "context_grpo.py", **asdict(first)})
+    resumed = grpo.parse_config(cg.Config, ["--resume", str(tmp_path), "--steps", "20"])
+    assert resumed.steps == 20 and resumed.bonus_steps == 10, "a resume changed the annealing mid-run"
+
+
+def test_prior_base_is_refused_when_it_would_load_phi0(tiny_model_dir, tmp_path):
+    import alternate
+    with pytest.raises(SystemExit, match="--prior base"):
+        grpo.parse_config(cg.Config, ["--prior", "base"])           # q = --model = phi_0: --prior init again
+    with pytest.raises(SystemExit, match="--prior base"):
+        grpo.parse_config(alternate.Config, ["--prior", "base", "--model", tiny_model_dir, "--base-model",
+                                             tiny_model_dir + "/"])  # the same folder by another name
+    assert grpo.parse_config(alternate.Config, ["--prior", "base", "--ll-init", tiny_model_dir]).prior == "base"
+
+
+def test_icpo_demonstration_defaults_to_a_random_training_pair():
+    assert cg.Config().context == "random", "DESIGN §7: D is a random training pair; retrieval is a variant"
+
+
+def test_icpo_logs_a_sample_with_the_context_it_was_sampled_with(tokenizer, monkeypatch):
+    model, ref, opt = setup(tokenizer)
+    sampled = {}
+    real = cg.generate
+
+    def spy(net, prompt_ids, *a, **k):
+        out = real(net, prompt_ids, *a, **k)
+        sampled.update(prompts=prompt_ids, texts=tokenizer.batch_decode(out[0], skip_special_tokens=True))
+        return out
+
+    monkeypatch.setattr(cg, "generate", spy)
+    for demos in ([[cg.as_example(PROBLEMS[2])], [cg.as_example(PROBLEMS[0])]], [[None], [cg.as_example(PROBLEMS[0])]]):
+        _, roll = cg.icpo_step(model, ref, opt, tokenizer, PROBLEMS[:2], demos, cfg(icpo=True, delta=0.0), 0, [2])
+        text = roll["texts"][roll.get("sample_row", 0)]
+        prompt = grpo.encode(tokenizer, grpo.format_prompt(tokenizer, PROBLEMS[0]["problem"], roll["context"]))
+        assert roll["context"] == demos[0][0], "group 0's accepted IEF rollout is the sample to show with its D"
+        assert any(p == prompt and t == text for p, t in zip(sampled["prompts"], sampled["texts"])), \
+            "the logged response was not sampled with the logged context"
 
 
 def test_icpo_without_demonstrations_has_no_ief_rows(tokenizer, monkeypatch):
@@ -237,7 +280,7 @@ def test_icpo_shaping_gradient():
 
 
 @pytest.mark.parametrize("mode", [["--context", "retrieved", "--lam", "0.1"], ["--context", "random", "--prior", "self"],
-                                  ["--icpo", "--context", "none"]], ids=["retrieved", "random-self", "icpo"])
+                                  ["--icpo"]], ids=["retrieved", "random-self", "icpo"])
 def test_script_two_steps(mode, tiny_model_dir, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "context_grpo.py"), "--model", tiny_model_dir, "--steps", "2",
            "--batch-problems", "2", "--group-size", "2", "--max-new-tokens", "6", "--limit", "20",
@@ -247,6 +290,7 @@ def test_script_two_steps(mode, tiny_model_dir, tmp_path):
     records = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2]
     key = "accepted" if "--icpo" in mode else "util"
+    assert "--icpo" not in mode or "D: a random training pair" in proc.stdout  # the source, in the first lines
     assert all(key in r for r in records)
     assert os.path.exists(tmp_path / "run" / "ckpt" / "policy" / "config.json")
 

@@ -131,11 +131,31 @@ def test_sft_overfits_a_tiny_set(tokenizer):
     pairs = [({"problem": f"What is {a} + 1?"}, (f"What is {a} + 2?", f"{a} + 2 = {a + 2}, so $\\boxed{{{a + 2}}}$."))
              for a in range(8)]
     cfg = hl.Config(max_context_tokens=64, sft_steps=30, sft_batch=4, sft_lr=3e-3, sft_heldout=0)
-    prompts, targets = hl.sft_examples(tokenizer, pairs, 64, tokenizer.eos_token_id)
+    prompts, targets, _ = hl.sft_examples(tokenizer, pairs, 64, tokenizer.eos_token_id)
     before = hl.sft_loss(model, prompts, targets).item()
     hl.sft(model, tokenizer, pairs, cfg, tokenizer.eos_token_id, log=lambda *_: None)
     after = hl.sft_loss(model, prompts, targets).item()
     assert after < 0.5 * before
+
+@pytest.mark.skipif(not os.path.exists(MATH_TRAIN), reason="../shared/data absent")
+def test_sft_draws_its_batches_and_held_out_pairs_across_subjects(tokenizer, monkeypatch):
+    """math_train.jsonl is sorted by subject (its first 1,744 rows are Algebra): SFT in file order saw one subject."""
+    train = grpo.load_problems(MATH_TRAIN)[::8]  # 1,500 rows, still sorted by subject
+    pairs = hl.build_sft_pairs(train)
+    subject = {tuple(grpo.encode(tokenizer, hl.hl_prompt(tokenizer, x["problem"]))): x["subject"] for x, _ in pairs}
+    held, stepped = [], []
+    monkeypatch.setattr(hl, "sft_loss", lambda m, p, t, n=None: held.extend(p) or torch.tensor(0.0))  # held-out only
+    monkeypatch.setattr(hl, "sft_step", lambda m, o, p, t: stepped.extend(p) or 0.0)
+    cfg = hl.Config(max_context_tokens=384, sft_steps=5, sft_batch=4, sft_heldout=16)
+    hl.sft(make_tiny_model(tokenizer), tokenizer, pairs, cfg, tokenizer.eos_token_id, log=lambda *_: None)
+    held_subjects = {subject[tuple(p)] for p in held[:16]}
+    step_subjects = {subject[tuple(p)] for p in stepped}
+    assert len(held_subjects) >= 5, f"the held-out SFT pairs are not drawn across subjects: {held_subjects}"
+    assert len(step_subjects) >= 5, f"the first SFT steps do not draw across subjects: {step_subjects}"
+    assert not {tuple(p) for p in held} & {tuple(p) for p in stepped}, "a held-out pair was trained on"
+    assert hl.sft_order(100, 10, 4, 6, seed=0) == hl.sft_order(100, 10, 4, 6, seed=0), "the order is not seeded"
+    assert hl.sft_order(100, 10, 4, 6, seed=1) != hl.sft_order(100, 10, 4, 6, seed=0), "the seed does not change it"
+
 
 # -----------------------------------------------------------------------------
 # the HL reward and the KL to pi_SFT
@@ -184,6 +204,37 @@ def test_hl_step_gives_no_gradient_to_the_ll(tokenizer):
     assert all(torch.equal(a, b) for a, b in zip(ll_before, ll_model.parameters()))
     assert all(p.grad is None for p in ll_model.parameters())
     assert 0.0 <= record["parse_rate"] <= 1.0 and "kl" in record
+
+def test_hl_step_fits_the_lls_prompts_by_the_ll_steps_rule(tokenizer, monkeypatch):
+    """A context too long for --max-prompt-tokens is dropped in the HL step as in the LL step: the LL answers
+    the bare problem, and the HL is scored on what the LL really saw."""
+    hl_model, ll_model = make_tiny_model(tokenizer, seed=4), make_tiny_model(tokenizer, seed=5)
+    problems = [{"problem": "What is 1 + 1?", "answer": "2"}, {"problem": "What is 2 + 2?", "answer": "4"}]
+    short, long = ("What is 3 + 3?", "$\\boxed{6}$"), ("What is " + "1 + " * 100 + "1?", "$\\boxed{101}$")
+    limit = max(len(grpo.encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"], short))) for p in problems)
+    real_contexts, real_generate, ll_prompts = hl.generate_contexts, hl.generate, []
+
+    def contexts(model, tok, batch, n, *a, **k):  # the HL writes one short and one long worked example per x
+        _, prompts, completions, stats = real_contexts(model, tok, batch, n, *a, **k)
+        return [[short, long] for _ in batch], prompts, completions, stats
+
+    def generate(model, prompts, *a, **k):
+        if model is ll_model:
+            ll_prompts.extend(prompts)
+        return real_generate(model, prompts, *a, **k)
+
+    monkeypatch.setattr(hl, "generate_contexts", contexts)
+    monkeypatch.setattr(hl, "generate", generate)
+    cfg = replace(hl.Config(), hl_group=2, ll_answers=1, max_context_tokens=8, max_new_tokens=4, micro_batch=4,
+                  max_prompt_tokens=limit)
+    opt = torch.optim.AdamW(hl_model.parameters(), lr=1e-3)
+    record, _ = hl.hl_step(hl_model, grpo.frozen_copy(hl_model), ll_model, opt, tokenizer, problems, cfg, 0, [2])
+    fitted, dropped = grpo.fit_contexts(tokenizer, problems, [[short, long]] * 2, limit)
+    expected = [grpo.encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"], c)) for p, cs in zip(problems, fitted)
+                for c in cs]
+    assert max(map(len, ll_prompts)) <= limit, "the LL answered a prompt longer than --max-prompt-tokens"
+    assert ll_prompts == expected and record["ctx_dropped"] == dropped == 2
+
 
 # -----------------------------------------------------------------------------
 # the commands
