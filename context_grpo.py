@@ -254,7 +254,7 @@ class Config(grpo.Config):
     base_model: str = arg("", "the pretrained base model for --prior base (default: --model)")
     icpo: bool = arg(False, "ICPO mode: G on-policy + n_off IEF rollouts with a demonstration, ERRS, bonus")
     n_off: int = arg(1, "ICPO: IEF rollouts per problem (at most G - 1: one on-policy rollout stays)", ge=0)
-    icpo_bonus: float = arg(0.5, "ICPO: expert bonus beta_E at step 0, annealed linearly to 0 at the last step", ge=0)
+    icpo_bonus: float = arg(0.5, "ICPO: expert bonus beta_E, annealed as beta_E * (1 - t/T) over the run's T steps", ge=0)
     gamma: float = arg(0.1, "ICPO: shaping f(p) = p / (p + gamma) on IEF tokens", gt=0)
     delta: float = arg(1.0, "ICPO: ERRS acceptance threshold on R_task", ge=0, le=1)
     bonus_steps: int = arg(0, "ICPO: T of the annealed bonus, the run's total steps at its start (kept on resume)", ge=0)

@@ -1253,11 +1253,12 @@ def rollouts(model, tokenizer, batch, contexts, cfg, step, eos):
 
 
 def step_record(step, roll, rewards, stats, t_train, eos, group_size, with_ref):
-    """The log record of one LL step: rewards, accuracy, lengths, the update's statistics, throughput."""
+    """The log record of one LL step: rewards, accuracy, lengths (completion, prompt), the update's statistics, throughput."""
     n_tok = sum(len(c) for c in roll["completions"])
     return {"step": step + 1, "reward": rewards.mean().item(), "acc": roll["acc"].mean().item(),
             "boxed": roll["boxed"].mean().item(), "wrote_box": roll["wrote_box"].mean().item(),
-            **rollout_stats(roll["completions"], eos), "zero_var": zero_variance_fraction(rewards, group_size), **stats,
+            **rollout_stats(roll["completions"], eos), "prompt_len": sum(map(len, roll["prompt_ids"])) / len(roll["prompt_ids"]),
+            "zero_var": zero_variance_fraction(rewards, group_size), **stats,
             "sample_tok_s": n_tok / roll["t_sample"],
             "train_tok_s": (n_tok + sum(len(p) for p in roll["prompt_ids"])) * (2 if with_ref else 1) / t_train,
             "peak_mem_gb": peak_memory_gb(), "time": time.time() - roll["t0"]}

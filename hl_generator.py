@@ -252,7 +252,8 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
     stats = hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, cfg, G)
     record = {"step": step + 1, "reward": r_hl.mean().item(), "acc": acc.mean().item(), "boxed": boxed.mean().item(),
               **ctx_stats, "ctx_len": sum(len(c) for c in hl_completions) / len(hl_completions), "ctx_dropped": dropped,
-              **grpo.rollout_stats(answers, eos), "zero_var": grpo.zero_variance_fraction(r_hl, G),
+              **grpo.rollout_stats(answers, eos), "prompt_len": sum(map(len, per_context)) / len(per_context),
+              "zero_var": grpo.zero_variance_fraction(r_hl, G),
               **stats, "peak_mem_gb": grpo.peak_memory_gb(), "time": time.time() - t0}
     roll = {"texts": [tokenizer.decode(hl_completions[0], skip_special_tokens=True)], "rewards": r_hl,
             "context": contexts[0][0]}
