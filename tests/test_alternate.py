@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -70,6 +71,21 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
         for key, v in a.items():
             if isinstance(v, float) and not key.endswith(("time", "tok_s", "mem_gb", "wall_clock", "seconds")):
                 assert b[key] == pytest.approx(v, rel=1e-5, abs=1e-7, nan_ok=True), key
+
+
+def test_time_left_leaves_the_evaluations_out(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    real = alternate_py.evaluate
+
+    def slow_evaluate(*a, **k):  # an evaluation that takes 5 s longer than any training step here
+        time.sleep(5)
+        return real(*a, **k)
+
+    monkeypatch.setattr(alternate_py, "evaluate", slow_evaluate)
+    monkeypatch.chdir(tmp_path)
+    alternate_py.main(grpo.parse_config(alternate_py.Config, ["--model", tiny_model_dir, "--out", "eta"] + TINY))
+    first = next(l for l in capsys.readouterr().out.splitlines() if "of training steps left" in l)
+    left = float(first.split("~")[1].split("s")[0])  # after 1 of 3 steps: 2 steps' time, no evaluation in it
+    assert left < 5, f"the round-0 evaluation was counted as training time: {first}"
 
 
 def test_training_problems_never_include_evaluation_problems(tiny_model_dir, tmp_path):
