@@ -25,9 +25,10 @@ experiments, every ablation. This is the command to run.
 |   4 | SFT        | frozen      | test only    |  --hl sft --ll-steps 0 --hl-steps 0 --context-at test
 |   5 | SFT        | GRPO        | train + test |  --hl sft --context-at train+test
 
-Ablations, one flag each: --lam 0 (no utilisation reward), --prior {init,base,self} (q), --beta 0 (no KL
-to p_ref), --alpha 0 (task-only HL reward), --beta-hl 0 (no KL to pi_SFT), --joint (one combined step per
-round instead of alternating), --frozen-ll (the LL never moves; the HL still learns against it).
+Ablations, one flag each: --lam 0 (no utilisation reward), --prior {init,base,self} (q; base needs --base-model
+or --ll-init), --beta 0 (no KL to p_ref), --alpha 0 (task-only HL reward), --beta-hl 0 (no KL to pi_SFT), --joint
+(one combined step per round instead of alternating), --frozen-ll (the LL never moves; the HL still learns
+against it).
 --icpo trains the LL by ICPO instead, with the HL's contexts as the demonstrations (DESIGN §7).
 
 Deviations, numbered:

@@ -158,8 +158,9 @@ def make_prior(kind, model, phi0, cfg):
 
 
 def expert_bonus(beta, step, total_steps):
-    """Annealed expert bonus beta * (1 - t/T) at step t = 0..T-1 (DESIGN §7): beta at the first step, beta/T at the last."""
-    return beta * (1.0 - step / total_steps)
+    """Annealed expert bonus beta * (1 - t/T) at step t = 0..T-1 (DESIGN §7): beta at the first step, beta/T at the
+    last, 0 from t = T on (a resumed run that adds steps)."""
+    return beta * max(0.0, 1.0 - step / total_steps)
 
 
 def errs_merge(off_problem, off_correct, n_problems, group_size):
@@ -262,7 +263,7 @@ class Config(grpo.Config):
     def check(self):
         super().check()
         self.bonus_steps = self.bonus_steps or self.steps
-        if self.prior == "base":  # q = the pretrained base model: refused when it would load phi_0's own weights
+        if self.prior == "base" and not self.icpo:  # q = the pretrained base model: refused when it would load phi_0's own weights
             key = lambda name: "smollm2" if name in ("", "smollm2") else os.path.realpath(grpo.resolve_model(name))
             phi0 = getattr(self, "ll_init", "") or self.model
             if key(self.base_model or self.model) == key(phi0):

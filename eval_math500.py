@@ -192,16 +192,8 @@ def report(folders, log=print):
     for folder in folders:
         ev = _final_eval(folder)
         if ev is not None:
-            groups.setdefault((ev[0].get("exp", "-"), ", ".join(_flags(ev[0])) or "-"), []).append((folder, *ev))
-    for key, runs in list(groups.items()):  # pooled answers must be answers to the same problems
-        asked = {os.path.basename(f.rstrip("/")): sorted(str(r["unique_id"] or r["problem"]) for r in records)
-                 for f, _, records in runs}
-        if len({tuple(v) for v in asked.values()}) > 1:
-            log(f"(not pooled over seeds: exp {key[0]}, {key[1]}: its runs evaluated different problems "
-                f"({', '.join(f'{name}: {len(v)}' for name, v in asked.items())}))")
-            del groups[key]
-        else:
-            groups[key] = [run[1:] for run in runs]
+            groups.setdefault((ev[0].get("exp", "-"), ", ".join(_flags(ev[0])) or "-"), []).append(ev)
+    groups = {key: runs for key, runs in groups.items() if _same_problems(key, runs, log)}
     if any(len(runs) > 1 for runs in groups.values()):
         log("\nOver seeds (95% CI over problems: of each problem's mean over the seeds' answers, so that one "
             "problem's answers are not counted as independent trials; over seeds: t-based, over the seeds' "
@@ -230,6 +222,17 @@ def _flags(ev):
     data = dict(f.split("=", 1) for f in flags if "=" in f).get("data", grpo.Config.data)
     derived = {f"data={grpo.Config.data}", f"eval_data={grpo.HELDOUT.get(data)}"}
     return [f for f in flags if f not in derived and not f.startswith(("steps=", "overwrite="))]
+
+
+def _same_problems(key, runs, log):
+    """Did the runs of one experiment answer the same problems (by unique_id)? Pooling their answers per problem
+    assumes it; a run evaluated on other problems is not a seed of the same measurement (said, not pooled)."""
+    asked = [sorted(str(r["unique_id"] or r["problem"]) for r in records) for _, records in runs]
+    if all(a == asked[0] for a in asked):
+        return True
+    log(f"(not pooled over seeds: exp {key[0]}, {key[1]}: its runs evaluated different problems, "
+        f"{' / '.join(str(len(a)) for a in asked)} of them)")
+    return False
 
 
 def _final_eval(folder):

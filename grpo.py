@@ -451,7 +451,8 @@ PURPOSES = ("data", "ll", "hl", "hl_ll", "ctx", "demo", "eval", "sft")
 def stream_seed(seed, purpose, *keys):
     """The seed of one random stream: a hash (numpy's SeedSequence) of the run's seed, what the stream is for
     (one of PURPOSES: LL rollouts, the HL step's contexts and its LL answers, the HL contexts of the LL
-    phase, ICPO demonstrations, evaluation, D_SFT's order; "data" is reserved: batch_indices seeds its own shuffle) and
+    phase, ICPO demonstrations, evaluation; "data" and "sft" are reserved: batch_indices and hl_generator.sft_order
+    seed their own shuffles, the same on every rank) and
     where it is used (the step, ...), and under torchrun the rank. Two purposes never share noise; a run is
     reproducible from its seed (and its world size)."""
     entropy = [seed, PURPOSES.index(purpose), *keys] + ([rank()] if world_size() > 1 else [])  # ranks differ

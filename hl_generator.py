@@ -138,7 +138,7 @@ def sft_examples(tokenizer, pairs, max_context_tokens, eos_id):
 def sft_order(n, n_held, batch, steps, seed):
     """D_SFT's order: a seeded permutation of its n pairs, the first n_held held out; step t's batch is
     grpo.batch_indices over the rest (a pure function of t). Returns (held-out indices, per step its indices)."""
-    perm = np.random.default_rng(stream_seed(seed, "sft")).permutation(n).tolist()
+    perm = np.random.default_rng([seed, grpo.PURPOSES.index("sft")]).permutation(n).tolist()  # the same on every rank
     held, train = perm[:n_held], perm[n_held:]
     return held, [[train[i] for i in grpo.batch_indices(len(train), batch, t, seed)] for t in range(steps)]
 

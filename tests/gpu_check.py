@@ -4,7 +4,7 @@ real config (its 151,936-token vocabulary; random weights never stop, so every l
   (a) correctness: our greedy tokens = model.generate's (fp32 and bf16); the sampler's log-probs = a forward pass;
       a bf16 policy equal to its frozen copy has a KL of exactly 0;
   (b) speed: our sampler against model.generate at 64 and 256 rows x 1,024 new tokens and at the GRPO shape
-      (8 problems x 8 rollouts, 384-token prompts, 512 new tokens), and its static cache where it runs (not at 256);
+      (8 problems x 8 rollouts, 384-token prompts, 512 new tokens), and its static cache (not compiled; not at 256);
   (c) memory: the peak of one LL and one HL update of experiment 5 (micro-batch 8; rows of 1,536 and 1,024
       tokens, as in the README's table), with and without --grad-ckpt;
   (d) one round of experiment 5 (alternate.py, G = 8, 512 new tokens, 384 context tokens, 64 evaluation
@@ -14,6 +14,7 @@ It prints one table with the device's name and writes it, section by section, to
     python tests/gpu_check.py --prepare .gpu_assets          # here, once: the config, a tokenizer, the MATH files
     python tests/gpu_check.py --assets .gpu_assets           # on the GPU machine (carry .gpu_assets): < 8 min
     python tests/gpu_check.py --assets .gpu_assets --toy     # any CPU, toy sizes: what tests/test_gpu_check.py runs
+Sections can run apart (--only abc, then --only d) when one command would pass the device's time limit.
 """
 import argparse
 import json
@@ -69,7 +70,8 @@ def hf_generate(model, prompts, n_new, greedy, static=False):
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
     with grpo._autocast(model):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
-                             pad_token_id=0, **kw, **(dict(cache_implementation="static") if static else {}))
+                             pad_token_id=0, **kw,
+                             **(dict(cache_implementation="static", disable_compile=True) if static else {}))
     return out[:, ids.shape[1]:].tolist()
 
 
@@ -152,6 +154,9 @@ def one_round(assets, toy, device, work):
     model.save_pretrained(os.path.join(work, "model"))
     shutil.copytree(os.path.join(assets, "tokenizer"), os.path.join(work, "model"), dirs_exist_ok=True)
     sft_times, real_step = [], hl_generator.sft_step
+    if device == "cuda":  # this section's own peak, not (c)'s
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
     def timed_step(*a):
         sync(device)
@@ -164,7 +169,8 @@ def one_round(assets, toy, device, work):
     hl_generator.sft_step = timed_step
     budget = (["--limit", "300", "--group-size", "2", "--max-new-tokens", "8", "--max-context-tokens", "384",
                "--eval-limit", "4", "--sft-batch", "2"] if toy else
-              ["--group-size", "8", "--max-new-tokens", "512", "--max-context-tokens", "384", "--eval-limit", "64"])
+              ["--limit", "3000", "--group-size", "8", "--max-new-tokens", "512", "--max-context-tokens", "384",
+               "--eval-limit", "64"])  # --limit: the D_SFT build is not what is timed
     flags = ["--rounds", "1", "--ll-steps", "1", "--hl-steps", "1", "--sft-steps", "3"] + budget
     argv = ["--model", os.path.join(work, "model"), "--data", os.path.join(assets, "math_train.jsonl"), "--eval-data",
             os.path.join(assets, "math500.jsonl"), "--device", device, "--out", os.path.join(work, "run")] + flags
@@ -200,9 +206,11 @@ def main():
 
     def save(key, value):
         result[key] = value
+        result.setdefault("seconds", {})[key] = round(time.time() - t_start, 1)  # since the start, at its end
         grpo.write_json(os.path.join(out_dir, "gpu_check.json"), result)
         print(f"{key}: {json.dumps(value, default=str)}", flush=True)
 
+    t_start = time.time()
     g = torch.Generator().manual_seed(0)
     rand = lambda n, length: [torch.randint(100, 30000, (length,), generator=g).tolist() for _ in range(n)]  # noqa
     model = build(args.assets, args.toy, device) if set(args.only) & set("abc") else None
@@ -234,6 +242,7 @@ def main():
             if row:
                 print(f"| {key[0]} | " + " | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in row.items()) + " |")
+    print(f"| seconds since the start, at the end of each section | {result['seconds']} |")
     print(f"\nwrote {out_dir}/gpu_check.json")
 
 

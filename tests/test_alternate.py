@@ -263,10 +263,11 @@ def test_report_over_seeds(tmp_path):
 
 
 def test_report_pools_seeds_only_over_the_same_problems(tmp_path):
-    _fake_run(tmp_path / "a0", 5, "", [0] * 16)
-    _fake_run(tmp_path / "a1", 5, "seed=1", [0] * 16, first=15)  # 1 problem of 16 in common
+    for seed in (0, 1):  # two folders with the same name: runs/s0/exp5, runs/s1/exp5
+        (tmp_path / f"s{seed}").mkdir()
+        _fake_run(tmp_path / f"s{seed}" / "exp5", 5, f"seed={seed}" if seed else "", [0] * 16, first=15 * seed)
     lines = []
-    eval_math500.report([str(tmp_path / f) for f in ("a0", "a1")], log=lines.append)
+    eval_math500.report([str(tmp_path / f"s{seed}" / "exp5") for seed in (0, 1)], log=lines.append)
     assert not any(l.startswith("| 5 | - | 2 |") for l in lines), "answers to different problems were pooled"
     assert any("not pooled over seeds" in l and "different problems" in l for l in lines)
 

@@ -186,6 +186,7 @@ def test_expert_bonus_anneals_as_design_says():
     assert cg.expert_bonus(0.5, 0, 10) == 0.5
     assert cg.expert_bonus(0.5, 9, 10) == pytest.approx(0.05), "beta * (1 - t/T): beta/T at the last step t = T-1"
     assert cg.expert_bonus(0.5, 5, 10) == pytest.approx(0.25)
+    assert cg.expert_bonus(0.5, 12, 10) == 0.0, "past T (a resume that adds steps) the bonus must not turn negative"
 
 
 def test_bonus_schedule_is_fixed_at_the_start_of_the_run(tmp_path):

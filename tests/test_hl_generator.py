@@ -155,6 +155,10 @@ def test_sft_draws_its_batches_and_held_out_pairs_across_subjects(tokenizer, mon
     assert not {tuple(p) for p in held} & {tuple(p) for p in stepped}, "a held-out pair was trained on"
     assert hl.sft_order(100, 10, 4, 6, seed=0) == hl.sft_order(100, 10, 4, 6, seed=0), "the order is not seeded"
     assert hl.sft_order(100, 10, 4, 6, seed=1) != hl.sft_order(100, 10, 4, 6, seed=0), "the seed does not change it"
+    alone = hl.sft_order(100, 10, 4, 6, seed=0)
+    monkeypatch.setattr(grpo, "world_size", lambda: 2)
+    monkeypatch.setattr(grpo, "rank", lambda: 1)
+    assert hl.sft_order(100, 10, 4, 6, seed=0) == alone, "under torchrun every rank must hold out and draw the same pairs"
 
 
 # -----------------------------------------------------------------------------
