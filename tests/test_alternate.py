@@ -4,8 +4,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -74,18 +74,23 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
 
 
 def test_time_left_leaves_the_evaluations_out(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    real = alternate_py.evaluate
+    clock, real = [0.0], alternate_py.evaluate
 
-    def slow_evaluate(*a, **k):  # an evaluation that takes 5 s longer than any training step here
-        time.sleep(5)
+    def now():  # alternate.py's clock: a millisecond per look, so the test does not depend on this machine's load
+        clock[0] += 0.001
+        return clock[0]
+
+    def slow_evaluate(*a, **k):  # an evaluation that takes 1,000 s on that clock
+        clock[0] += 1000
         return real(*a, **k)
 
+    monkeypatch.setattr(alternate_py, "time", SimpleNamespace(time=now))
     monkeypatch.setattr(alternate_py, "evaluate", slow_evaluate)
     monkeypatch.chdir(tmp_path)
     alternate_py.main(grpo.parse_config(alternate_py.Config, ["--model", tiny_model_dir, "--out", "eta"] + TINY))
     first = next(l for l in capsys.readouterr().out.splitlines() if "of training steps left" in l)
     left = float(first.split("~")[1].split("s")[0])  # after 1 of 3 steps: 2 steps' time, no evaluation in it
-    assert left < 5, f"the round-0 evaluation was counted as training time: {first}"
+    assert left < 1000, f"the round-0 evaluation was counted as training time: {first}"
 
 
 def test_training_problems_never_include_evaluation_problems(tiny_model_dir, tmp_path):
