@@ -206,7 +206,7 @@ def main(cfg):
           f"{', joint' if cfg.joint else ''}), {cfg.batch_problems} problems x {cfg.group_size} rollouts, "
           f"eval on {cfg.eval_limit or 'all'} problems of {cfg.eval_data} every {cfg.eval_every} round(s); device {device}. "
           + (f"ICPO's demonstrations: {'the HL' if train_ctx else 'random training pairs'}. " if cfg.icpo else "")
-          + ("With the embedded SmolLM2 on a 2-core CPU this default takes about 8 minutes."
+          + ("With the embedded SmolLM2 on a 2-core CPU this default takes about 5 minutes."
              if device == "cpu" and cfg.exp == 5 and not changed_flags(cfg) and not cfg.resume else ""))
     t_start = time.time()
     # -------------------------------------------------------------------------- models
