@@ -192,7 +192,7 @@ def main(cfg):
     eval_all = grpo.load_problems(cfg.eval_data)
     eval_problems = eval_all[:cfg.eval_limit] if cfg.eval_limit else eval_all
     held = eval_all + (grpo.load_problems(cfg.holdout) if cfg.holdout else [])
-    problems = grpo.drop_overlap(grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed), held)
+    problems = grpo.drop_overlap(grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed, sample=True), held)
     # under torchrun each rank takes its share of every batch (and of the evaluation); rank 0 alone writes, prints
     device = grpo.init_distributed(grpo.pick_device(cfg.device))
     grpo.check_divides(cfg.batch_problems)

@@ -264,10 +264,11 @@ BUILTIN = {"arith": (arith_problems, "train"), "arith-test": (arith_problems, "t
 HELDOUT = {"arith": "arith-test", "ops": "ops-test"}  # the test split of each built-in training task
 
 
-def load_problems(path_or_name, limit=None, seed=0):
+def load_problems(path_or_name, limit=None, seed=0, sample=False):
     """A list of dicts with `problem` and `answer` (plus whatever else the JSONL has: subject, level,
     solution, unique_id). The answer is taken from the last box of `solution` when absent. A malformed
-    line is an error that names the file and the line."""
+    line is an error that names the file and the line. limit: a file's first N problems, or with sample
+    (training data: a file may be sorted, as MATH's is by subject) N drawn by the seed, in file order."""
     if path_or_name in BUILTIN:
         make, split = BUILTIN[path_or_name]
         return make(limit or 1000, seed, split)
@@ -305,10 +306,12 @@ def load_problems(path_or_name, limit=None, seed=0):
                     raise ValueError(f"{path}:{lineno}: no 'answer' field and no \\boxed{{}} in 'solution'")
             row["answer"] = str(row["answer"])
             rows.append(row)
-            if limit and len(rows) >= limit:
+            if limit and len(rows) >= limit and not sample:
                 break
     if not rows:
         raise ValueError(f"{path}: no problems")
+    if sample and limit and len(rows) > limit:
+        rows = [rows[i] for i in sorted(random.Random(f"limit/{seed}").sample(range(len(rows)), limit))]
     return rows
 
 
@@ -1145,7 +1148,7 @@ class Config:
     model: str = arg("smollm2", "LL model: smollm2 (embedded default), Qwen2.5-0.5B, a hub id or a local folder")
     data: str = arg("ops", "training problems: a JSONL path, a built-in task (offline: `ops`, made-up operators; "
                              "`arith`, sums) or `math500` (hub)")
-    limit: int = arg(0, "use only the first N problems (0 = all)", ge=0)
+    limit: int = arg(0, "use N training problems (a file: N drawn by --seed, in file order; 0 = all)", ge=0)
     steps: int = arg(30, "training steps (one batch of B problems x G rollouts each)", ge=1)
     batch_problems: int = arg(2, "B: problems per step", ge=1)
     group_size: int = arg(8, "G: rollouts per problem (at 1 every advantage is 0)", ge=2)
@@ -1324,7 +1327,7 @@ def setup(cfg, keep_phi0=False):
     BEFORE a checkpoint is loaded, so a resumed run keeps phi_0, not phi_t), optimiser, resume, problems,
     EOS ids. The data is read and checked first: a bad file stops the run before the folder or a model is
     touched."""
-    problems = load_problems(cfg.data, cfg.limit or None, cfg.seed)
+    problems = load_problems(cfg.data, cfg.limit or None, cfg.seed, sample=True)
     device = init_distributed(pick_device(cfg.device))
     check_divides(cfg.batch_problems)
     out = start_run(cfg)

@@ -310,7 +310,7 @@ def find_holdout(cfg):
 def main(command, cfg):
     if command == "sample" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("torchrun: `hl_generator.py sample` only prints a few contexts: run it with python")
-    problems = grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed)  # the data first: a bad file stops early
+    problems = grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed, sample=True)  # the data first: a bad file stops
     holdout = find_holdout(cfg) if command == "sft" else []
     device = grpo.init_distributed(grpo.pick_device(cfg.device))  # under torchrun: the process group, this rank's GPU
     if command == "train":

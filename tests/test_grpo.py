@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import grpo
-from conftest import make_tiny_model, needs_smollm2
+from conftest import MATH_TRAIN, make_tiny_model, needs_smollm2
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 PROBLEMS = ["What is 2 + 3?", "A rectangle has perimeter 24 inches. What is its largest possible area?",
@@ -310,6 +310,17 @@ def test_policy_update_frees_the_gradients(tokenizer):
 
 # -----------------------------------------------------------------------------
 # data and prompts
+
+
+@pytest.mark.skipif(not os.path.exists(MATH_TRAIN), reason="../shared/data absent")
+def test_limit_on_training_data_is_a_seeded_sample_across_subjects():
+    """math_train.jsonl is sorted by subject: its first 200 problems are all Algebra."""
+    first = grpo.load_problems(MATH_TRAIN, 200)
+    drawn = grpo.load_problems(MATH_TRAIN, 200, seed=0, sample=True)
+    assert {p["subject"] for p in first} == {"Algebra"}  # evaluation keeps the first N (one set for every seed)
+    assert len(drawn) == 200 and len({p["subject"] for p in drawn}) >= 5, "--limit trained on one subject"
+    assert drawn == grpo.load_problems(MATH_TRAIN, 200, seed=0, sample=True), "the sample is not seeded"
+    assert drawn != grpo.load_problems(MATH_TRAIN, 200, seed=1, sample=True)
 
 
 def test_load_problems_errors_name_file_and_line(tmp_path):
