@@ -4,7 +4,8 @@ experiments, every ablation. This is the command to run.
 
     python alternate.py                                   # exp 5, embedded SmolLM2-135M, offline, CPU, minutes
     python alternate.py --model Qwen2.5-0.5B --data ../shared/data/math_train.jsonl \\
-        --eval-data ../shared/data/math500.jsonl --rounds 20   # one GPU
+        --eval-data ../shared/data/math500.jsonl --rounds 20 --group-size 8 --max-new-tokens 512 \\
+        --max-context-tokens 384                            # one GPU, MATH's token budgets
     python alternate.py --exp 3 --lam 0                   # an experiment with an ablation
     python alternate.py --resume runs/alternate           # continue a run
     torchrun --standalone --nproc_per_node 8 alternate.py --model Qwen2.5-0.5B --batch-problems 16 ...  # 8 GPUs

@@ -131,7 +131,8 @@ def sft_examples(tokenizer, pairs, max_context_tokens, eos_id):
         targets.append(target)
         kept.append(i)
     if len(kept) < len(pairs):
-        print(f"SFT: dropped {len(pairs) - len(kept)} of {len(pairs)} pairs whose target exceeds {max_context_tokens} tokens")
+        print(f"SFT: dropped {len(pairs) - len(kept)} of {len(pairs)} pairs whose target exceeds {max_context_tokens} tokens"
+              + (" (most of D_SFT: raise --max-context-tokens, e.g. 384 for MATH)" if len(kept) < len(pairs) / 2 else ""))
     return prompts, targets, kept
 
 
