@@ -232,10 +232,10 @@ def main(cfg):
     hl_steps = 0 if cfg.joint else cfg.hl_steps
     random_demos = context_grpo.context_source("random", problems, cfg.seed)  # ICPO without HL contexts
     steps_left, t_loop, done = (cfg.rounds - start) * (cfg.ll_steps + hl_steps), time.time(), 0
-    eval_s = [0.0]  # seconds spent evaluating since t_loop: not training time
+    eval_s = 0.0  # seconds spent evaluating since t_loop: not training time
 
     def eta():
-        per_step = (time.time() - t_loop - eval_s[0]) / done
+        per_step = (time.time() - t_loop - eval_s) / done
         return f"  ~{per_step * (steps_left - done):.0f}s of training steps left (evaluation aside)"
 
     def log(phase, t, record):  # rank 0 writes
@@ -243,6 +243,7 @@ def main(cfg):
                                               **{f"{phase}/{k}": v for k, v in record.items() if k != "step"}})
 
     def run_eval(t):
+        nonlocal eval_s
         t0 = time.time()
         s = evaluate(ll, tok, eval_problems, eos, hl if test_ctx else None, max_new_tokens=cfg.eval_max_new_tokens
                      or cfg.max_new_tokens, max_context_tokens=cfg.max_context_tokens, batch_size=16, seed=cfg.seed,
@@ -251,7 +252,7 @@ def main(cfg):
         s.update(rounds=t + 1, wall_clock=time.time() - t_start, exp=cfg.exp, flags=changed_flags(cfg))
         log("eval", t, {k: v for k, v in s.items() if not isinstance(v, (dict, str))})
         grpo.write_json(os.path.join(out, "eval.json"), s)
-        eval_s[0] += time.time() - t0
+        eval_s += time.time() - t0
 
     if start == 0 and not cfg.resume:
         run_eval(-1)  # round 0: the starting point, so every later number has its baseline beside it

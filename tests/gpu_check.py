@@ -29,6 +29,8 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 import grpo  # noqa: E402
+from bench_generate import sync  # noqa: E402  (tests/ is this script's own folder, first on sys.path)
+from bench_memory import off  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared")
 README_PEAKS = {("LL", 1536, False): 37.00, ("LL", 1536, True): 20.51, ("HL", 1024, False): 30.88,  # "Memory of the
@@ -57,11 +59,6 @@ def build(assets, toy, device, seed=0):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**cfg, **(TOY if toy else {})})).to(device)
     model.compute_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     return model.eval()
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def hf_generate(model, prompts, n_new, greedy, static=False):
@@ -128,8 +125,7 @@ def update_peaks(ll, hl, sizes):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
         for ckpt in (False, True):
             model.train()
-            (grpo.enable_grad_ckpt(model) if ckpt else (getattr(model, "activation_checkpointing_disable", None)
-                                                        or model.gradient_checkpointing_disable)())
+            grpo.enable_grad_ckpt(model) if ckpt else off(model)
             cfg = SimpleNamespace(micro_batch=8, updates=1, clip_eps=0.2, loss_norm="seq", grad_clip=1.0)
             prompt, comp = [[1] * (tokens - new)] * 16, [[2] * new] * 16
             if dev.startswith("cuda"):
