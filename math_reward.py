@@ -1,34 +1,12 @@
 """
 math_reward.py: R_task, the 0/1 reward for a MATH final answer (DESIGN.md §2, R_task in every equation).
 
-    reward(response, gold) = 1.0 if extract_boxed(response) is the same answer as gold, else 0.0
+    extract_boxed(text)       the content of the last \\boxed{...} / \\fbox{...} (braces balanced), or None
+    normalize_answer(answer)  a canonical string form: two answers with equal forms are equal
+    is_equiv(pred, gold)      the same final answer? (strings, then structures, then exact values)
+    reward(response, gold)    1.0 if extract_boxed(response) is the same answer as gold, else 0.0
 
-Four public functions, used by every other file:
-    extract_boxed(text)       the content of the last \\boxed{...} / \\fbox{...} (braces balanced)
-    normalize_answer(answer)  a canonical string form (what two equal strings mean)
-    is_equiv(pred, gold)      the same final answer? (strings, structures, then exact values)
-    reward(response, gold)    1.0 / 0.0
-
-How two answers are compared, in order (each step is a small function below):
-    1. normalise both strings (LaTeX spacing, \\dfrac, units, degrees, \\$, \\%, "x =", thousands, ...)
-       and compare the strings;
-    2. structures: matrices cell by cell, unions piece by piece, tuples and intervals element by element
-       (the bracket types must match), sets and lists of solutions in any order (when the gold is a list);
-    3. a single value: rewrite both as Python source (numbers, + - * / ^, \\frac, \\sqrt, \\pi, parentheses,
-       implicit multiplication), parse it with ast (never compiled or run) and walk the tree, which knows
-       only arithmetic. Rationals are compared exactly with Fraction, so 0.5 == 1/2 but 0.33 != 1/3;
-       irrationals in floats at a relative tolerance of 1e-10; expressions in one to three single-letter
-       variables by their values at five points.
-
-Deviations from the common MATH graders (Hendrycks' `is_equiv`, math-verify), numbered:
-    1. Model text is never given to eval/exec/compile/sympy: the tree walker below only knows arithmetic.
-    2. Every call is bounded: answers over MAX_PARSE_CHARS are compared as strings only, lists over
-       MAX_ITEMS elements likewise, exponents are capped, nesting is capped (no RecursionError), the exact
-       arithmetic of one comparison is capped in total (MAX_WORK_BITS), and normalisation is linear.
-    3. `\\sqrt13` is read as sqrt(13) and `x^10` as x^(10) (what writers mean), while `\\frac12` is
-       1/2 as in LaTeX. A run of two or more letters (`xy`, `cm`) is text, not a product.
-
-Run `python math_reward.py` to grade a few examples; `tests/test_math_reward.py` has the case table.
+How answers are compared, and why: README, deviations. `python math_reward.py` grades a few examples.
 """
 import ast
 import math
@@ -44,13 +22,11 @@ MAX_POW_BITS = 100_000   # cap on the size of an exact power (9^{9^{9^9}} is ref
 MAX_WORK_BITS = 1_000_000  # cap on one comparison's exact arithmetic: the sum of every operation's operand bits
 POINTS = (0.5, 1.3, -0.7, 2.9, -1.9)  # where expressions with variables are compared
 
-# -----------------------------------------------------------------------------
-# 1. extraction
+# --- 1. extraction
 
 
 def _brace_group(s, i):
-    """Index just past the brace group that opens at s[i] == '{', or -1 if it never closes. A loop, not
-    recursion (5,000 nested braces are fine); an escaped character (\\{, \\}, \\\\) never opens or closes one."""
+    """Index just past the brace group that opens at s[i] == '{' (escaped \\{ \\} \\\\ skipped), or -1 if unclosed."""
     depth, k = 0, i
     while k < len(s):
         if s[k] == "\\":
@@ -64,27 +40,19 @@ def _brace_group(s, i):
 
 
 def extract_boxed(text):
-    """Content of the LAST \\boxed{...} or \\fbox{...} in text (nested braces balanced, \\{ and \\}
-    skipped), or of the brace-less `\\boxed 5` form; None when there is none or its braces never close."""
-    if not text:
-        return None
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    """Content of the last \\boxed{...}, \\fbox{...} or `\\boxed 5`; None if there is none or it is unclosed."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox")) if text else -1
     if start < 0:
         return None
     i = start + (6 if text.startswith("\\boxed", start) else 5)
-    j = i
-    while j < len(text) and text[j] in " \t\n":
-        j += 1
+    j = re.compile(r"[ \t\n]*").match(text, i).end()
     if j < len(text) and text[j] == "{":
         end = _brace_group(text, j)
-        return text[j + 1:end - 1].strip() if end > 0 else None  # None: cut off inside the box
-    if j > i:  # `\boxed 5`: one token, up to whitespace or the closing $
-        m = re.match(r"[^\s$]+", text[j:])
-        return m.group(0) if m else None
-    return None
+        return text[j + 1:end - 1].strip() if end > 0 else None
+    m = re.compile(r"[^\s$]+").match(text, j) if j > i else None  # `\boxed 5`: up to whitespace or $
+    return m.group(0) if m else None
 
-# -----------------------------------------------------------------------------
-# 2. normalisation (string -> canonical string)
+# --- 2. normalisation (string -> canonical string)
 
 
 _TEXT_CMDS = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|operatorname|boldsymbol)\s*\{")
@@ -93,11 +61,9 @@ _UNIT_WORD = re.compile(r"[A-Za-z]{2,}\.?(\^\{?[23]\}?)?")
 
 def _strip_units(s):
     """`5\\text{ cm}` -> `5`, `42 inches` -> `42`, `5.4 \\text{ cents}` -> `5.4`: words after a number."""
-    # trailing \text{words} (optionally ^2) after something that holds a digit, last first; one pass over
-    # the text commands, each cut only moves `cut` left (no copy per command: linear in the length)
     first_digit = next((i for i, ch in enumerate(s) if ch.isdigit()), len(s))
     cut = len(s)
-    for m in reversed(list(_TEXT_CMDS.finditer(s))):
+    for m in reversed(list(_TEXT_CMDS.finditer(s))):  # trailing \text{words}, last first
         if m.start() >= cut:
             continue  # inside a group already cut
         end = _brace_group(s, m.end() - 1)
@@ -111,23 +77,21 @@ def _strip_units(s):
         while cut > 0 and s[cut - 1].isspace():
             cut -= 1
     s = s[:cut]
-    # plain trailing words of two or more letters after a number
-    words = s.rstrip(".").split(" ")
+    words = s.rstrip(".").split(" ")  # then plain trailing words
     k = len(words)
     while k > 1 and _UNIT_WORD.fullmatch(words[k - 1]):
         k -= 1
-    if k < len(words) and any(ch.isdigit() for ch in "".join(words[:k])) and not re.search(r"[A-Za-z]", "".join(words[:k])):
+    head = "".join(words[:k])
+    if k < len(words) and any(ch.isdigit() for ch in head) and not re.search(r"[A-Za-z]", head):
         s = " ".join(words[:k])
     return s
 
 
 def _unwrap_text(s):
-    """`\\text{Evelyn}` -> `Evelyn` (every text-like wrapper, braces matched, innermost too)."""
+    """`\\text{Evelyn}` -> `Evelyn` (every text-like wrapper, innermost too)."""
     for _ in range(MAX_DEPTH):
         m = _TEXT_CMDS.search(s)
-        if m is None:
-            break
-        end = _brace_group(s, m.end() - 1)
+        end = _brace_group(s, m.end() - 1) if m else -1
         if end < 0:
             break
         s = s[:m.start()] + s[m.end():end - 1] + s[end:]
@@ -135,9 +99,8 @@ def _unwrap_text(s):
 
 
 def _fix_frac_sqrt(s):
-    """`\\frac12` -> `\\frac{1}{2}` (LaTeX: one character per argument), `\\frac{270}7` -> `\\frac{270}{7}`;
-    `\\sqrt13` -> `\\sqrt{13}` (all the digits: what writers mean), `\\sqrt x` -> `\\sqrt{x}`.
-    Answers longer than MAX_PARSE_CHARS are left alone (they are compared as strings only)."""
+    """`\\frac12` -> `\\frac{1}{2}`, `\\frac{270}7` -> `\\frac{270}{7}`, `\\sqrt13` -> `\\sqrt{13}`, `\\sqrt x` ->
+    `\\sqrt{x}`; answers over MAX_PARSE_CHARS are left alone."""
     if len(s) > MAX_PARSE_CHARS:
         return s
     s = re.sub(r"\\sqrt(\d+|[A-Za-z](?![A-Za-z]))", r"\\sqrt{\1}", s)
@@ -157,14 +120,11 @@ def _fix_frac_sqrt(s):
 
 
 def normalize_answer(answer):
-    """A canonical string form of a final answer. Two answers with equal forms are equal; the converse
-    is what is_equiv's structure and value steps are for. Each rule is one line below, in order."""
-    s = str(answer).replace("\x00", "")
-    s = re.sub(r"[\x01-\x08\x0b-\x1f\x7f]", "", s)
-    s = s.replace("\n", " ").replace("\t", " ").strip()
+    """A canonical string form of a final answer: answers with equal forms are equal (not conversely)."""
+    s = re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", str(answer)).replace("\n", " ").replace("\t", " ").strip()
     s = re.sub(r"\\(left|right)\s*\.", "", s)                   # \left. \right.
     s = re.sub(r"\\(left|right|big|Big|bigg|Bigg)(?![A-Za-z])", "", s)  # \left( -> (
-    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)        # \dfrac, \tfrac -> \frac
+    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
     s = re.sub(r"\\displaystyle(?![A-Za-z])", "", s)
     s = s.replace(",\\!", "").replace("{,}", "")                # 10,\!080 and 10{,}080: thousands marks
     s = re.sub(r"(?<!\\)\\[!,:; ]|\\q?quad(?![A-Za-z])|~", " ", s)   # spacing commands
@@ -172,29 +132,23 @@ def normalize_answer(answer):
     s = s.replace("\\%", "").replace("%", "").replace("\\$", "").replace("$", "")
     s = re.sub(r"\\(cdot|times)(?![A-Za-z])", "*", s)
     s = re.sub(r"\\div(?![A-Za-z])", "/", s)
-    s = _strip_units(s.strip())                                 # 5\text{ cm}, 42 inches
-    s = _unwrap_text(s).strip()                                 # \text{Evelyn} -> Evelyn
+    s = _unwrap_text(_strip_units(s.strip())).strip()
     s = re.sub(r"^(?:[A-Za-z]|\\[a-z]+)(?:_\{?\w+\}?)?\s*(?:=|\\in(?![A-Za-z]))\s*(?=[^=]*$)", "", s)  # x = 5, x \in [1,2]
     s = re.sub(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+)(?![\d,])", lambda m: m.group(1).replace(",", ""), s)  # 2,220
-    s = re.sub(r"\s+", "", s)
-    s = _fix_frac_sqrt(s)
-    s = s.rstrip(".")
-    for _ in range(3):                                          # {5} -> 5 (a few layers; the parser reads more)
+    s = _fix_frac_sqrt(re.sub(r"\s+", "", s)).rstrip(".")
+    for _ in range(3):                                          # {5} -> 5
         if len(s) >= 2 and s[0] == "{" and _brace_group(s, 0) == len(s):
             s = s[1:-1]
     s = re.sub(r"^\(([A-Z])\)$", r"\1", s)                      # (C) -> C
     s = re.sub(r"^(-?\d+)\.0*$", r"\1", s)                      # 12.0 -> 12
     s = re.sub(r"^(-?\d*\.\d*?[1-9])0+$", r"\1", s)             # 0.50 -> 0.5
-    s = re.sub(r"^(-?)\.(\d)", r"\g<1>0.\2", s)                 # .5 -> 0.5
-    return s
+    return re.sub(r"^(-?)\.(\d)", r"\g<1>0.\2", s)              # .5 -> 0.5
 
-# -----------------------------------------------------------------------------
-# 3. values: the answer rewritten as a Python expression, parsed by ast (never compiled or run) and
-#    walked by _evaluate, which knows numbers, + - * / ^, roots, pi, infinity and single-letter variables
+# --- 3. values: the answer as Python source, parsed by ast (never compiled or run), walked by _evaluate
 
 
 class ParseError(ValueError):
-    pass
+    """Not an answer _evaluate can read: no arithmetic, or too large."""
 
 
 _TOKEN = re.compile(r"\d+(?:\.\d*)?|\.\d+|\\(?:frac|sqrt|pi|infty)|[A-Za-z]|[-+*/^(){}\[\]]")
@@ -203,9 +157,8 @@ _ARGS = {"\\frac": ("((", [("{", "}", ")/("), ("{", "}", "))")]),        # \frac
 
 
 def _to_python(s):
-    """A normalised answer as Python source: ^ -> **, {} -> (), \\frac and \\sqrt as above (\\sqrt{x} takes
-    n = 2), \\pi -> pi, \\infty -> inf, 0.25 -> (25/100) (exact), and implicit products made explicit
-    (2x, 3\\sqrt{2}, (a)(b) -> *). A run of letters (cm, xy) is text, not a product: ParseError."""
+    """A normalised answer as Python source: ^ -> **, {} -> (), \\frac and \\sqrt as in _ARGS, \\pi, \\infty,
+    0.25 -> (25/100), implicit products made explicit; a run of letters is text: ParseError."""
     out, stack, want, operand, pos = [], [], [], False, 0  # stack: (closing token, text there, args still wanted)
     for m in _TOKEN.finditer(s):
         tok = m.group(0)
@@ -243,7 +196,7 @@ def _to_python(s):
                 stack.append(({"(": ")", "{": "}"}[tok], ")", []))
             elif tok == "[":
                 raise ParseError("unexpected '['")
-            elif tok[0].isdigit() or tok[0] == ".":  # a number: 12 -> 12, 0.25 -> (25/100)
+            elif tok[0].isdigit() or tok[0] == ".":
                 if len(tok) > 100:
                     raise ParseError("number too long")
                 whole, _, frac = tok.partition(".")
@@ -258,8 +211,7 @@ def _to_python(s):
 
 
 def parse_expression(s):
-    """A normalised answer as a Python expression tree (ast), or ParseError. Nothing is compiled or run:
-    _evaluate walks the tree and refuses every node that is not arithmetic."""
+    """A normalised answer as a Python expression tree (ast), or ParseError; nothing is compiled or run."""
     if not s or len(s) > MAX_PARSE_CHARS:
         raise ParseError("empty or too long")
     try:
@@ -268,16 +220,9 @@ def parse_expression(s):
         raise ParseError(str(e)) from None
 
 
-def _variables(tree):
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} - {"pi", "inf", "root"}
-
-
 class _Work:
-    """The exact arithmetic one is_equiv call may still do, in operand bits (MAX_WORK_BITS in all): a sum
-    of sixty capped powers, or a ratio of two such sums, is refused after a few operations, not computed."""
-
-    def __init__(self):
-        self.left = MAX_WORK_BITS
+    """The exact arithmetic one is_equiv call may still do, in operand bits (MAX_WORK_BITS in all)."""
+    left = MAX_WORK_BITS
 
     def spend(self, *values):
         bits = sum(v.numerator.bit_length() + v.denominator.bit_length() for v in values if isinstance(v, Fraction))
@@ -288,9 +233,8 @@ class _Work:
 
 def _power(base, exp):
     if isinstance(base, Fraction) and isinstance(exp, Fraction) and exp.denominator == 1:
-        bits = max(base.numerator.bit_length(), base.denominator.bit_length(), 1)
-        if abs(exp) * bits > MAX_POW_BITS:
-            raise ParseError("power too large")  # 9^{9^{9^9}}: refused, never computed
+        if abs(exp) * max(base.numerator.bit_length(), base.denominator.bit_length(), 1) > MAX_POW_BITS:
+            raise ParseError("power too large")
         return base ** int(exp)
     base, exp = float(base), float(exp)
     if base < 0 and exp != int(exp):
@@ -302,7 +246,7 @@ def _root(x, n):
     if isinstance(x, Fraction) and n == 2 and x >= 0:
         p, q = math.isqrt(x.numerator), math.isqrt(x.denominator)
         if p * p == x.numerator and q * q == x.denominator:
-            return Fraction(p, q)  # exact when it is a perfect square: \sqrt{4/9} = 2/3
+            return Fraction(p, q)  # \sqrt{4/9} = 2/3 exactly
     x, n = float(x), float(n)
     if x < 0 or n == 0:
         raise ParseError("root of a negative number")
@@ -315,9 +259,8 @@ _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, as
 
 
 def _evaluate(node, env, work):
-    """Value of an expression tree: a Fraction while everything is rational, else a float. Only the nodes
-    _to_python writes are known (any other is a ParseError); every operation is paid for from `work` (a
-    _Work) before it runs."""
+    """Value of an expression tree, a Fraction while everything is rational, else a float; any node that is
+    not arithmetic is a ParseError, and every operation is paid for from `work` before it runs."""
     if isinstance(node, ast.Constant) and type(node.value) is int:
         return Fraction(node.value)
     if isinstance(node, ast.Name):
@@ -341,11 +284,22 @@ def _evaluate(node, env, work):
     return result
 
 
+def _evaluate_or_none(tree, env, work):
+    try:
+        return _evaluate(tree, env, work)
+    except (ParseError, ArithmeticError, ValueError):
+        return None
+
+
+def _variables(tree):
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} - {"pi", "inf", "root"}
+
+
 def _close(a, b):
     if isinstance(a, Fraction) and isinstance(b, Fraction):
-        return a == b  # exact: 0.5 == 1/2, 0.33 != 1/3
+        return a == b
     a, b = float(a), float(b)
-    if math.isinf(a) or math.isinf(b) or math.isnan(a) or math.isnan(b):
+    if not (math.isfinite(a) and math.isfinite(b)):
         return a == b
     return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=1e-12)
 
@@ -360,16 +314,9 @@ def _values_equal(a, b, work):
         if not va:
             return _close(_evaluate(ta, {}, work), _evaluate(tb, {}, work))
         agree = 0
-        for k, x in enumerate(POINTS):
+        for x in POINTS:
             env = {v: Fraction(x) + j for j, v in enumerate(sorted(va))}  # distinct values per variable
-            try:
-                ya = _evaluate(ta, env, work)
-            except (ParseError, ArithmeticError, ValueError):
-                ya = None
-            try:
-                yb = _evaluate(tb, env, work)
-            except (ParseError, ArithmeticError, ValueError):
-                yb = None
+            ya, yb = _evaluate_or_none(ta, env, work), _evaluate_or_none(tb, env, work)
             if (ya is None) != (yb is None):
                 return False  # defined on one side only
             if ya is not None:
@@ -380,8 +327,7 @@ def _values_equal(a, b, work):
     except (ParseError, ArithmeticError, ValueError, RecursionError):
         return False
 
-# -----------------------------------------------------------------------------
-# 4. structures and the public comparison
+# --- 4. structures and the public comparison
 
 
 def _split_top(s, sep=","):
@@ -427,20 +373,14 @@ _MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix)\}(.*)\\end\{\1\}")
 
 def _matrix(s):
     m = _MATRIX.fullmatch(s)
-    if m is None:
-        return None
-    rows = [r for r in m.group(2).split("\\\\") if r != ""]
-    return [r.split("&") for r in rows]
+    return None if m is None else [r.split("&") for r in m.group(2).split("\\\\") if r != ""]
 
 
 def _items(s):
     """Elements of a list, with a ± expanded: `1\\pm\\sqrt{5}` -> `1+\\sqrt{5}`, `1-\\sqrt{5}`."""
     out = []
     for part in _split_top(s):
-        if part.count("\\pm") == 1:
-            out += [part.replace("\\pm", "+"), part.replace("\\pm", "-")]
-        else:
-            out.append(part)
+        out += [part.replace("\\pm", "+"), part.replace("\\pm", "-")] if part.count("\\pm") == 1 else [part]
     return out
 
 
@@ -457,13 +397,11 @@ def _unordered_equal(xs, ys, depth, work):
 
 
 def _equiv(a, b, work, depth=0):
-    """a, b normalised. Strings, then structures, then values; `work` bounds the arithmetic of the whole call."""
+    """a, b normalised: strings, then structures, then values; `work` bounds the arithmetic of the whole call."""
     if a == b:
         return True
-    if not a or not b or depth > MAX_DEPTH:
+    if not a or not b or depth > MAX_DEPTH or len(a) > MAX_PARSE_CHARS * 10 or len(b) > MAX_PARSE_CHARS * 10:
         return False
-    if len(a) > MAX_PARSE_CHARS * 10 or len(b) > MAX_PARSE_CHARS * 10:
-        return False  # a long answer is compared as a string only
     ma, mb = _matrix(a), _matrix(b)
     if ma is not None or mb is not None:
         return (ma is not None and mb is not None and len(ma) == len(mb)
@@ -494,9 +432,7 @@ def _equiv(a, b, work, depth=0):
 
 def is_equiv(pred, gold):
     """Whether two final answers (strings, e.g. boxed contents) are the same answer."""
-    if pred is None or gold is None:
-        return False
-    return _equiv(normalize_answer(pred), normalize_answer(gold), _Work())
+    return pred is not None and gold is not None and _equiv(normalize_answer(pred), normalize_answer(gold), _Work())
 
 
 def reward(response, gold):
@@ -506,7 +442,6 @@ def reward(response, gold):
 
 
 if __name__ == "__main__":
-    for response, gold in [("so $x = \\boxed{\\dfrac{1}{2}}$.", "0.5"), ("\\boxed{0.33}", "\\frac13"),
-                           ("\\boxed{3\\sqrt{13}}", "\\sqrt{117}"), ("\\boxed{(1,2]}", "(1,2)"),
-                           ("\\boxed{-2, 1}", "1,-2"), ("\\boxed{2(x+1)}", "2x+2"), ("no box", "5")]:
-        print(f"{reward(response, gold):.0f}  {response!r:40} gold {gold!r}")
+    for response, gold in [("$x = \\boxed{\\dfrac{1}{2}}$.", "0.5"), ("\\boxed{0.33}", "\\frac13"),
+                           ("\\boxed{(1,2]}", "(1,2)"), ("\\boxed{-2, 1}", "1,-2"), ("\\boxed{2(x+1)}", "2x+2")]:
+        print(f"{reward(response, gold):.0f}  {response!r:32} gold {gold!r}")

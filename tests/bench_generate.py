@@ -47,7 +47,8 @@ def timed(fn, device):
 
 
 def hf_generate(model, prompt_ids, max_new_tokens, eos, pad_id, fixed):
-    ids, mask, _ = grpo._left_pad(prompt_ids, pad_id, model.device)
+    ids, mask, _ = grpo._left_pad(prompt_ids, model.device)
+    ids[mask == 0] = pad_id
     kw = dict(min_new_tokens=max_new_tokens) if fixed else {}
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                          max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_id, **kw)
@@ -108,7 +109,7 @@ def main():
         encode = lambda text: grpo.encode(tokenizer, text)  # noqa: E731
         eos = grpo.eos_token_ids(model, tokenizer)
     model.compute_dtype = torch.bfloat16 if bf16 else torch.float32  # fp32 weights: the policy's training path
-    problems = grpo.load_problems(TRAIN, limit=400) if os.path.exists(TRAIN) else grpo.arith_problems(400)
+    problems = grpo.load_problems(TRAIN, limit=400) if os.path.exists(TRAIN) else grpo.ops_problems(400)
     name = args.config or args.model
     print(f"model {name} on {args.device} ({torch.cuda.get_device_name() if gpu else 'CPU'}, "
           f"{torch.get_num_threads()} threads), {'bf16 autocast' if bf16 else 'fp32'}, {args.new_tokens} new tokens, T = 1")

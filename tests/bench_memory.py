@@ -49,7 +49,7 @@ def saved_bytes(model, rows, tokens, ckpt):
     """Bytes autograd keeps for backward in one training forward (distinct storages), rows x tokens."""
     model.train()
     if ckpt:
-        grpo.enable_grad_ckpt(model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     seen = {}
 
     def pack(t):
@@ -127,7 +127,7 @@ def gpu(args):
         for mb in args.micro_batch:
             for ckpt in (False, True):
                 if ckpt:
-                    grpo.enable_grad_ckpt(model)
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 else:
                     off(model)
                 rows = 2 * mb  # two micro-batches: gradients accumulate across them

@@ -63,7 +63,7 @@ def build(assets, toy, device, seed=0):
 
 def hf_generate(model, prompts, n_new, greedy, static=False):
     """model.generate on left-padded prompts, exactly n_new new tokens; returns the new tokens per row."""
-    ids, mask, _ = grpo._left_pad(prompts, 0, model.device)
+    ids, mask, _ = grpo._left_pad(prompts, model.device)
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
     with grpo._autocast(model):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
@@ -125,7 +125,7 @@ def update_peaks(ll, hl, sizes):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
         for ckpt in (False, True):
             model.train()
-            grpo.enable_grad_ckpt(model) if ckpt else off(model)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}) if ckpt else off(model)
             cfg = SimpleNamespace(micro_batch=8, updates=1, clip_eps=0.2, loss_norm="seq", grad_clip=1.0)
             prompt, comp = [[1] * (tokens - new)] * 16, [[2] * new] * 16
             if dev.startswith("cuda"):

@@ -1,4 +1,5 @@
-"""Tests for context_grpo.py: lambda = 0 is plain GRPO, the utilisation reward, the priors, ICPO."""
+"""Tests for context_grpo.py: lambda = 0 is plain GRPO, the utilisation reward, the priors, ICPO (and alternate.py's
+context sources and ICPO runs)."""
 import json
 import os
 import subprocess
@@ -8,8 +9,10 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
+import alternate
 import context_grpo as cg
 import grpo
+from hl_generator import as_example, context_source, nearest_neighbours
 from conftest import make_tiny_model
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -22,8 +25,8 @@ PROBLEMS = [{"problem": "What is 2 + 3?", "answer": "5", "subject": "Arithmetic"
 
 
 def cfg(**kw):
-    base = cg.Config(batch_problems=2, group_size=3, max_new_tokens=8, lr=1e-3, beta=0.04, micro_batch=3,
-                     format_bonus=0.5)
+    base = alternate.Config(batch_problems=2, group_size=3, max_new_tokens=8, lr=1e-3, beta=0.04, micro_batch=3,
+                            format_bonus=0.5, bonus_steps=10)
     return replace(base, **kw)
 
 
@@ -36,7 +39,7 @@ def setup(tokenizer, seed=0):
 def test_lambda_zero_is_plain_grpo(tokenizer):
     c = cfg(lam=0.0)
     eos = [tokenizer.eos_token_id]
-    contexts = [[cg.as_example(PROBLEMS[2])] * 3, [None, cg.as_example(PROBLEMS[0]), None]]
+    contexts = [[as_example(PROBLEMS[2])] * 3, [None, as_example(PROBLEMS[0]), None]]
     m1, r1, o1 = setup(tokenizer)
     rec_ctx, roll_ctx = cg.ll_step(m1, r1, None, o1, tokenizer, PROBLEMS[:2], contexts, c, 0, eos)  # no prior: never run
     m2, r2, o2 = setup(tokenizer)
@@ -53,7 +56,7 @@ def test_lambda_zero_is_plain_grpo(tokenizer):
 
 def test_lambda_zero_logs_the_utilisation_it_does_not_reward(tokenizer):
     eos = [tokenizer.eos_token_id]
-    contexts = [[cg.as_example(PROBLEMS[2])] * 3, [None, cg.as_example(PROBLEMS[0]), None]]
+    contexts = [[as_example(PROBLEMS[2])] * 3, [None, as_example(PROBLEMS[0]), None]]
     m1, r1, o1 = setup(tokenizer)
     rec, roll = cg.ll_step(m1, r1, r1, o1, tokenizer, PROBLEMS[:2], contexts, cfg(lam=0.0), 0, eos)  # q = phi_0
     m2, r2, o2 = setup(tokenizer)
@@ -63,7 +66,7 @@ def test_lambda_zero_logs_the_utilisation_it_does_not_reward(tokenizer):
 
 
 def test_utilization_matches_hand_computation(tiny_model, tokenizer):
-    x, ctx = PROBLEMS[0], cg.as_example(PROBLEMS[1])
+    x, ctx = PROBLEMS[0], as_example(PROBLEMS[1])
     with_c = grpo.encode(tokenizer, grpo.format_prompt(tokenizer, x["problem"], ctx))
     without = grpo.encode(tokenizer, grpo.format_prompt(tokenizer, x["problem"]))
     comps = [[11, 12, 13, 14], [15, 16]]
@@ -95,7 +98,7 @@ def test_utilization_is_zero_with_empty_context_and_prior_self(tiny_model, token
 def test_rollouts_without_context_get_no_utilisation(tokenizer):
     model = make_tiny_model(tokenizer)
     prior = make_tiny_model(tokenizer, seed=9)  # a different prior: the log-ratio is far from 0
-    contexts = [[cg.as_example(PROBLEMS[2]), None, cg.as_example(PROBLEMS[1])], [None, None, None]]
+    contexts = [[as_example(PROBLEMS[2]), None, as_example(PROBLEMS[1])], [None, None, None]]
     prompts = [grpo.encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"], c))
                for p, cs in zip(PROBLEMS[:2], contexts) for c in cs]
     comps, logps = grpo.generate(model, prompts, 8, 1.0, seed=0)
@@ -106,22 +109,23 @@ def test_rollouts_without_context_get_no_utilisation(tokenizer):
 
 
 def test_init_prior_is_the_reference_and_stays_frozen(tokenizer):
-    model, ref, opt = setup(tokenizer)
-    prior = cg.make_prior("init", model, ref, cfg())
-    assert prior is ref
+    model, _, opt = setup(tokenizer)
+    ref, prior = cg.make_prior(model, cfg(prior="init"))
+    assert prior is ref, "q = init must be the very module p_ref is (one frozen copy, not two)"
+    assert cg.make_prior(model, cfg(prior="init", beta=0.0))[0] is None  # no KL: no reference, q stays phi_0
     before = [p.clone() for p in prior.parameters()]
     eos = [tokenizer.eos_token_id]
-    src = cg.context_source("random", PROBLEMS, 0)
+    src = context_source("random", PROBLEMS, PROBLEMS, 0)
     for t in range(2):
-        cg.ll_step(model, ref, prior, opt, tokenizer, PROBLEMS[:2], src(PROBLEMS[:2], 3, t), cfg(lam=1.0), t, eos)
+        cg.ll_step(model, ref, prior, opt, tokenizer, PROBLEMS[:2], src(PROBLEMS[:2], 3, t, "ctx"), cfg(lam=1.0), t, eos)
     assert all(torch.equal(a, b) for a, b in zip(before, prior.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the LL did move
-    assert cg.make_prior("self", model, ref, cfg()) is model
+    assert cg.make_prior(model, cfg(prior="self"))[1] is model
 
 
 def test_nearest_neighbours_same_subject_never_itself():
     pool = PROBLEMS + [{"problem": "What is 2 + 3 + 1?", "answer": "6", "subject": "Other", "unique_id": "o/0"}]
-    nn = grpo.nearest_neighbours(pool, pool, k=2)
+    nn = nearest_neighbours(pool, pool, k=2)
     for i, row in enumerate(nn):
         for j in row:
             assert j != i
@@ -133,15 +137,15 @@ def test_nearest_neighbours_same_subject_never_itself():
         "How many integers between 1 and 100 are prime?",
         "A triangle has base 10 and height 3. What is its area?",
         "Find the area of a triangle with base 4 and height 6."])]  # a duplicate text, another unique_id
-    nn = grpo.nearest_neighbours(geo, geo, k=1)[:, 0]
+    nn = nearest_neighbours(geo, geo, k=1)[:, 0]
     assert nn[0] == 2 and nn[2] in (0, 3) and nn[3] == 2  # never its own text, even under another id
-    excluded = grpo.nearest_neighbours(PROBLEMS[:1], PROBLEMS, k=2, exclude=lambda p: p["unique_id"] == "a/1")
+    excluded = nearest_neighbours(PROBLEMS[:1], PROBLEMS, k=2, exclude=lambda p: p["unique_id"] == "a/1")
     assert list(excluded[0]) == [2, -1]
 
 
 def test_fit_contexts_drops_and_counts_long_contexts(tokenizer):
     long_ctx = ("x " * 3000, "y")
-    fitted, dropped = grpo.fit_contexts(tokenizer, PROBLEMS[:1], [[long_ctx, cg.as_example(PROBLEMS[1])]], 512)
+    fitted, dropped = grpo.fit_contexts(tokenizer, PROBLEMS[:1], [[long_ctx, as_example(PROBLEMS[1])]], 512)
     assert dropped == 1 and fitted[0][0] is None and fitted[0][1] is not None
 
 
@@ -160,7 +164,7 @@ def test_ief_training_logprobs_are_taken_without_the_demonstration(tokenizer):
 
     grpo.sequence_logprobs = spy
     try:
-        demos = [[cg.as_example(PROBLEMS[2])], [cg.as_example(PROBLEMS[0])]]
+        demos = [[as_example(PROBLEMS[2])], [as_example(PROBLEMS[0])]]
         cg.icpo_step(model, ref, opt, tokenizer, PROBLEMS[:2], demos, cfg(icpo=True, delta=0.0), 0, [2])
     finally:
         grpo.sequence_logprobs = real
@@ -190,59 +194,34 @@ def test_expert_bonus_anneals_as_design_says():
 
 
 def test_bonus_schedule_is_fixed_at_the_start_of_the_run(tmp_path):
-    """T of the bonus is the run's --steps at its start: a resume that asks for more steps keeps it."""
-    first = grpo.parse_config(cg.Config, ["--icpo", "--steps", "10", "--out", str(tmp_path)])
+    """T of the bonus is the run's LL steps at its start (rounds x LL steps): a resume with more rounds keeps it."""
+    first = grpo.parse_config(alternate.Config, ["--icpo", "--rounds", "5", "--ll-steps", "2", "--out", str(tmp_path)])
     assert first.bonus_steps == 10
-    grpo.write_json(str(tmp_path / "config.json"), {"script": "context_grpo.py", **asdict(first)})
-    resumed = grpo.parse_config(cg.Config, ["--resume", str(tmp_path), "--steps", "20"])
-    assert resumed.steps == 20 and resumed.bonus_steps == 10, "a resume changed the annealing mid-run"
+    grpo.write_json(str(tmp_path / "config.json"), {"script": "alternate.py", **asdict(first)})
+    resumed = grpo.parse_config(alternate.Config, ["--resume", str(tmp_path), "--rounds", "10"])
+    assert resumed.rounds == 10 and resumed.bonus_steps == 10, "a resume changed the annealing mid-run"
 
 
 def test_prior_base_is_refused_when_it_would_load_phi0(tiny_model_dir, tmp_path):
-    import alternate
     with pytest.raises(SystemExit, match="--prior base"):
-        grpo.parse_config(cg.Config, ["--prior", "base"])           # q = --model = phi_0: --prior init again
+        grpo.parse_config(alternate.Config, ["--prior", "base"])    # q = --model = phi_0: --prior init again
     with pytest.raises(SystemExit, match="--prior base"):
         grpo.parse_config(alternate.Config, ["--prior", "base", "--model", tiny_model_dir, "--base-model",
                                              tiny_model_dir + "/"])  # the same folder by another name
     assert grpo.parse_config(alternate.Config, ["--prior", "base", "--ll-init", tiny_model_dir]).prior == "base"
 
 
-def test_icpo_demonstration_defaults_to_a_random_training_pair():
-    assert cg.Config().context == "random", "DESIGN §7: D is a random training pair; retrieval is a variant"
-
-
-def test_icpo_logs_a_sample_with_the_context_it_was_sampled_with(tokenizer, monkeypatch):
-    model, ref, opt = setup(tokenizer)
-    sampled = {}
-    real = cg.generate
-
-    def spy(net, prompt_ids, *a, **k):
-        out = real(net, prompt_ids, *a, **k)
-        sampled.update(prompts=prompt_ids, texts=tokenizer.batch_decode(out[0], skip_special_tokens=True))
-        return out
-
-    monkeypatch.setattr(cg, "generate", spy)
-    for demos in ([[cg.as_example(PROBLEMS[2])], [cg.as_example(PROBLEMS[0])]], [[None], [cg.as_example(PROBLEMS[0])]]):
-        _, roll = cg.icpo_step(model, ref, opt, tokenizer, PROBLEMS[:2], demos, cfg(icpo=True, delta=0.0), 0, [2])
-        text = roll["texts"][roll.get("sample_row", 0)]
-        prompt = grpo.encode(tokenizer, grpo.format_prompt(tokenizer, PROBLEMS[0]["problem"], roll["context"]))
-        assert roll["context"] == demos[0][0], "group 0's accepted IEF rollout is the sample to show with its D"
-        assert any(p == prompt and t == text for p, t in zip(sampled["prompts"], sampled["texts"])), \
-            "the logged response was not sampled with the logged context"
-
-
 def test_icpo_without_demonstrations_has_no_ief_rows(tokenizer, monkeypatch):
     model, ref, opt = setup(tokenizer)
     rows = {}
-    real = cg.generate
+    real = grpo.generate
 
     def spy(net, prompt_ids, *a, **k):
         rows["n"] = len(prompt_ids)
         return real(net, prompt_ids, *a, **k)
 
-    monkeypatch.setattr(cg, "generate", spy)
-    record, _ = cg.icpo_step(model, ref, opt, tokenizer, PROBLEMS[:2], [[None], [cg.as_example(PROBLEMS[2])]],
+    monkeypatch.setattr(grpo, "generate", spy)
+    record, _ = cg.icpo_step(model, ref, opt, tokenizer, PROBLEMS[:2], [[None], [as_example(PROBLEMS[2])]],
                              cfg(icpo=True, delta=0.0), 0, [2])
     assert rows["n"] == 2 * 3 + 1          # no IEF rollout for the problem whose demonstration is missing
     assert record["demo_missing"] == 1 and record["accepted"] + record["rejected"] == 1
@@ -277,40 +256,40 @@ def test_icpo_shaping_gradient():
 
 
 # -----------------------------------------------------------------------------
-# the script, each mode
+# alternate.py without an HL: retrieved and random contexts, ICPO
 
 
-@pytest.mark.parametrize("mode", [["--context", "retrieved", "--lam", "0.1"], ["--context", "random", "--prior", "self"],
-                                  ["--icpo"]], ids=["retrieved", "random-self", "icpo"])
-def test_script_two_steps(mode, tiny_model_dir, tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "context_grpo.py"), "--model", tiny_model_dir, "--steps", "2",
-           "--batch-problems", "2", "--group-size", "2", "--max-new-tokens", "6", "--limit", "20",
-           "--save-every", "2", "--out", "run", "--device", "cpu"] + mode
+@pytest.mark.parametrize("mode", [["--hl", "retrieved", "--lam", "0.1"], ["--hl", "random", "--prior", "self"],
+                                  ["--exp", "1", "--icpo"]], ids=["retrieved", "random-self", "icpo"])
+def test_two_ll_steps_without_an_hl(mode, tiny_model_dir, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "alternate.py"), "--model", tiny_model_dir, "--rounds", "1",
+           "--ll-steps", "2", "--batch-problems", "2", "--group-size", "2", "--max-new-tokens", "6", "--limit", "20",
+           "--eval-limit", "2", "--out", "run", "--device", "cpu"] + mode
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    records = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [r["step"] for r in records] == [1, 2]
-    key = "accepted" if "--icpo" in mode else "util"
-    assert "--icpo" not in mode or "D: a random training pair" in proc.stdout  # the source, in the first lines
+    records = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl") if '"ll"' in l]
+    assert [r["step"] for r in records] == [1, 1]
+    key = "ll/accepted" if "--icpo" in mode else "ll/util"
     assert all(key in r for r in records)
-    assert os.path.exists(tmp_path / "run" / "ckpt" / "policy" / "config.json")
+    assert "--icpo" in mode or all(r["ll/ctx_frac"] > 0 for r in records)  # every rollout had a context
+    assert os.path.exists(tmp_path / "run" / "ckpt" / "ll" / "config.json") and not os.path.exists(tmp_path / "run" / "hl_sft")
 
 
 def test_resume_keeps_q_the_initial_ll(tiny_model_dir, tmp_path):
     """--beta 0 --prior init: q is phi_0 in a resumed run too (it was phi_t), so the run continues exactly."""
     common = ["--model", tiny_model_dir, "--batch-problems", "2", "--group-size", "2", "--max-new-tokens", "6",
-              "--limit", "20", "--save-every", "2", "--device", "cpu", "--lr", "1e-2", "--beta", "0", "--lam", "1",
-              "--context", "random"]
+              "--limit", "20", "--device", "cpu", "--lr", "1e-2", "--beta", "0", "--lam", "1", "--hl", "random",
+              "--ll-steps", "1", "--eval-limit", "2"]
 
     def run(args):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "context_grpo.py")] + args, cwd=tmp_path,
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "alternate.py")] + args, cwd=tmp_path,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    run(common + ["--steps", "3", "--out", "straight"])
-    run(common + ["--steps", "2", "--out", "split"])
-    run(["--resume", "split", "--steps", "3"])
+    run(common + ["--rounds", "3", "--out", "straight"])
+    run(common + ["--rounds", "2", "--out", "split"])
+    run(["--resume", "split", "--rounds", "3"])
     straight, split = ([json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")] for d in ("straight", "split"))
-    assert [r["step"] for r in split] == [1, 2, 3]
+    assert [(r["phase"], r["step"]) for r in split] == [(r["phase"], r["step"]) for r in straight]
     for a, b in zip(straight, split):
-        for key in ("reward", "util", "len", "loss", "grad_norm"):
+        for key in [k for k in a if k.endswith(("reward", "util", "/len", "loss", "grad_norm", "/acc"))]:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key

@@ -12,10 +12,8 @@ import pytest
 import torch
 
 import alternate
-import context_grpo
 import eval_math500
 import grpo
-import hl_generator
 from conftest import make_tiny_model
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -35,15 +33,13 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
     (grpo.Config, ["--temperature", "-1"], "--temperature"),
     (grpo.Config, ["--save-every", "-1"], "--save-every"),
     (grpo.Config, ["--limit", "-1"], "--limit"),
-    (grpo.Config, ["--top-p", "0"], "--top-p"),
-    (context_grpo.Config, ["--tau", "0"], "--tau"),
-    (context_grpo.Config, ["--tau", "-1"], "--tau"),
-    (context_grpo.Config, ["--icpo", "--group-size", "4", "--n-off", "4"], "--n-off"),  # one on-policy row stays
-    (hl_generator.Config, ["--hl-group", "1"], "--hl-group"),
+    (alternate.Config, ["--tau", "0"], "--tau"),
+    (alternate.Config, ["--tau", "-1"], "--tau"),
+    (alternate.Config, ["--hl-group", "1"], "--hl-group"),
+    (alternate.Config, ["--self-threshold", "1.5"], "--self-threshold"),
     (alternate.Config, ["--eval-limit", "-1"], "--eval-limit"),
     (alternate.Config, ["--rounds", "0"], "--rounds"),
-    (eval_math500.Config, ["--batch-size", "0"], "--batch-size"),
-    (eval_math500.Config, ["--samples", "0"], "--samples"),
+    (eval_math500.Config, ["--max-new-tokens", "0"], "--max-new-tokens"),
     (eval_math500.Config, ["--limit", "-1"], "--limit"),
 ])
 def test_out_of_range_flags_get_a_message_naming_the_flag_and_range(cls, argv, flag):
@@ -51,15 +47,18 @@ def test_out_of_range_flags_get_a_message_naming_the_flag_and_range(cls, argv, f
         grpo.parse_config(cls, argv)
 
 
-def test_save_every_zero_means_only_at_the_end(monkeypatch, tmp_path):
+def test_icpo_keeps_one_on_policy_row():
+    with pytest.raises(SystemExit, match="--n-off"):
+        grpo.parse_config(alternate.Config, ["--icpo", "--group-size", "4", "--n-off", "4"])
+
+
+def test_save_every_zero_means_only_at_the_end(monkeypatch, tmp_path, tiny_model_dir):
     saved = []
     monkeypatch.setattr(grpo, "save_checkpoint", lambda out, step, *a: saved.append(step))
-    cfg = replace(grpo.Config(), steps=5, save_every=0, sample_every=0, batch_problems=1)
-    record = {"reward": 0, "acc": 0, "boxed": 0, "len": 0, "finished": 0, "zero_var": 0, "kl": 0, "clip_frac": 0,
-              "loss": 0, "grad_norm": 0, "time": 0}
-    grpo.train_loop(cfg, str(tmp_path), 0, [{"problem": "p", "answer": "1"}],
-                    lambda batch, t: ({**record, "step": t + 1}, {}), {}, {}, None)
-    assert saved == [5]
+    cfg = replace(grpo.Config(), model=tiny_model_dir, steps=3, save_every=0, batch_problems=1, group_size=2,
+                  max_new_tokens=2, out=str(tmp_path / "run"), device="cpu")
+    grpo.main(cfg)
+    assert saved == [3]
 
 # -----------------------------------------------------------------------------
 # data
@@ -68,9 +67,9 @@ def test_save_every_zero_means_only_at_the_end(monkeypatch, tmp_path):
 def test_data_errors_name_the_file_and_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"problem": "1+1?", "answer": "2"}\n{"problem": "caf\xe9", "answer": "1"}\n')
-    with pytest.raises(ValueError, match="latin1.jsonl:2: not UTF-8"):
+    with pytest.raises(ValueError, match="latin1.jsonl:2: not a UTF-8 JSON line"):
         grpo.load_problems(str(path))
-    with pytest.raises(SystemExit, match="is a folder"):
+    with pytest.raises(SystemExit, match="no data file at"):
         grpo.load_problems(str(tmp_path))
     path.write_text('{"problem": "What is 1 - 1?", "answer": 0}\n{"problem": "x", "answer": ""}\n')
     assert grpo.load_problems(str(path), limit=1)[0]["answer"] == "0"  # a falsy number is an answer
@@ -83,8 +82,8 @@ def test_bad_data_stops_before_the_run_folder_is_touched(tmp_path):
     run.mkdir()
     (run / "config.json").write_text('{"script": "grpo.py", "steps": 6}')
     cfg = replace(grpo.Config(), data=str(tmp_path / "nope.jsonl"), out=str(run), resume=str(run))
-    with pytest.raises(SystemExit, match="No data at"):
-        grpo.setup(cfg)
+    with pytest.raises(SystemExit, match="no data file at"):
+        grpo.main(cfg)
     assert json.load(open(run / "config.json")) == {"script": "grpo.py", "steps": 6}  # not rewritten
 
 # -----------------------------------------------------------------------------
@@ -92,22 +91,15 @@ def test_bad_data_stops_before_the_run_folder_is_touched(tmp_path):
 
 
 def test_bad_model_names_and_folders(tmp_path, tiny_model_dir):
-    assert grpo.model_problem("/nonexistent") == "no such folder: /nonexistent"   # not a hub id
-    assert grpo.model_problem("./runs/x") and grpo.model_problem("runs/exp5/ckpt/ll")
-    assert grpo.model_problem("Qwen/Qwen2.5-0.5B") is None and grpo.model_problem("smollm2") is None
+    with pytest.raises(SystemExit, match="^--hl-init /nonexistent: could not load a model"):
+        grpo.load_model("/nonexistent", "cpu", flag="--hl-init")
     (tmp_path / "empty").mkdir()
-    assert "no config.json" in grpo.model_problem(str(tmp_path / "empty"))
-    with pytest.raises(SystemExit, match="^--hl-init /nonexistent: no such folder"):
-        grpo.parse_config(alternate.Config, ["--hl-init", "/nonexistent"])
-    gguf = tmp_path / "gguf"
-    shutil.copytree(tiny_model_dir, gguf)
-    config = json.load(open(gguf / "config.json"))
-    json.dump({**config, "quantization_config": {"quant_method": "gguf"}}, open(gguf / "config.json", "w"))
-    assert "GGUF quantization_config" in grpo.model_problem(str(gguf))
+    with pytest.raises(SystemExit, match="^--model .*empty: could not load a model"):
+        grpo.load_model(str(tmp_path / "empty"), "cpu")
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_model_dir, corrupt)
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 100)
-    with pytest.raises(SystemExit, match=r"^--model .*corrupt: could not load it .*model\.safetensors"):
+    with pytest.raises(SystemExit, match=r"^--model .*corrupt: could not load a model"):
         grpo.load_model(str(corrupt), device="cpu")
 
 # -----------------------------------------------------------------------------
@@ -138,7 +130,7 @@ def test_resumed_lr_takes_effect(tokenizer, tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
     opt.step()
-    grpo.save_checkpoint(str(tmp_path), 3, {"policy": model}, {"policy": opt})
+    grpo.save_checkpoint(str(tmp_path), 3, {"policy": model}, {"policy": opt}, tokenizer)
     opt2 = torch.optim.AdamW(model.parameters(), lr=1e-4)  # built from the resumed --lr
     assert grpo.load_checkpoint(str(tmp_path), {"policy": model}, {"policy": opt2}) == 3
     assert opt2.param_groups[0]["lr"] == 1e-4 and opt2.state  # the new lr, the saved moments
@@ -165,37 +157,22 @@ def test_resume_without_a_checkpoint_drops_the_metrics_of_the_lost_steps(tmp_pat
     assert [r["step"] for r in grpo.read_jsonl(str(tmp_path / "metrics.jsonl"))] == [0]
 
 
-def test_a_kill_between_the_renames_resumes_from_the_newest_complete_checkpoint(tokenizer, tmp_path, capsys):
+def test_a_kill_mid_save_leaves_a_checkpoint_that_loads_whole(tokenizer, tmp_path):
     model = make_tiny_model(tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    grpo.save_checkpoint(str(tmp_path), 4, {"policy": model}, {"policy": opt})
-    os.replace(tmp_path / "ckpt", tmp_path / "ckpt.old")          # the first rename happened ...
-    grpo.save_checkpoint(str(tmp_path), 6, {"policy": model}, {"policy": opt})
-    os.replace(tmp_path / "ckpt", tmp_path / "ckpt.tmp")          # ... the second did not
+    grpo.save_checkpoint(str(tmp_path), 4, {"policy": model}, {"policy": opt}, tokenizer)
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "ckpt.tmp")
+    os.remove(tmp_path / "ckpt.tmp" / "state.pt")                 # killed while writing step 6: ckpt/ is step 4's
+    assert grpo.load_checkpoint(str(tmp_path), {"policy": model}, {"policy": opt}) == 4
+    grpo.save_checkpoint(str(tmp_path), 6, {"policy": model}, {"policy": opt}, tokenizer)
+    os.replace(tmp_path / "ckpt", tmp_path / "ckpt.tmp")          # killed between the delete and the rename
     assert grpo.load_checkpoint(str(tmp_path), {"policy": model}, {"policy": opt}) == 6
-    assert "newest complete checkpoint" in capsys.readouterr().out
-
-
-def test_a_full_disk_while_saving_stops_with_a_message_and_keeps_the_last_checkpoint(tokenizer, tmp_path, monkeypatch):
-    model = make_tiny_model(tokenizer)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    grpo.save_checkpoint(str(tmp_path), 4, {"policy": model}, {"policy": opt})
-
-    def full(*args, **kwargs):  # what torch.save raised when a real run filled the disk
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 73280 vs 73172")
-    monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(SystemExit, match=r"could not write the checkpoint of step 6 .* GB free .*--resume"):
-        grpo.save_checkpoint(str(tmp_path), 6, {"policy": model}, {"policy": opt})
-    monkeypatch.undo()
-    assert not (tmp_path / "ckpt.tmp").exists()  # the half-written one is gone ...
-    assert grpo.load_checkpoint(str(tmp_path), {"policy": model}, {"policy": opt}) == 4  # ... the last one whole
 
 
 def test_torn_last_line_is_skipped_and_a_bad_middle_line_named(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "acc')
     assert [r["step"] for r in grpo.read_jsonl(str(path))] == [1, 2]
-    assert "torn last line" in capsys.readouterr().out
     path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(SystemExit, match="metrics.jsonl:2"):
         grpo.read_jsonl(str(path))
@@ -204,13 +181,13 @@ def test_torn_last_line_is_skipped_and_a_bad_middle_line_named(tmp_path, capsys)
     (run / "eval.json").write_text('{"acc": 0.5, "ci_lo')
     lines = []
     eval_math500.report([str(run)], log=lines.append)
-    assert "eval.json is not valid JSON" in lines[0]
+    assert "skipped" in lines[0] and "eval.json" in lines[0]
 
 # -----------------------------------------------------------------------------
 # --help
 
 
-@pytest.mark.parametrize("script, expected", [("hl_generator.py", "sft,sample,train"), ("alternate.py", "| exp |"),
+@pytest.mark.parametrize("script, expected", [("alternate.py", "experiment 1-5"),
                                               ("eval_math500.py", "--report"), ("grpo.py", "(default: 30)")])
 def test_help(script, expected):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,

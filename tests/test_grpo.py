@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import grpo
+import hl_generator
 from conftest import MATH_TRAIN, make_tiny_model, needs_smollm2
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -35,7 +36,8 @@ def naive_greedy(model, prompt, max_new_tokens, eos_ids):
 
 def hf_greedy(model, prompt_ids, max_new_tokens, eos_ids, pad_id):
     """model.generate on the same left-padded batch; rows are cut after their first EOS."""
-    ids, mask, _ = grpo._left_pad(prompt_ids, pad_id, "cpu")
+    ids, mask, _ = grpo._left_pad(prompt_ids, "cpu")
+    ids[mask == 0] = pad_id
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                          eos_token_id=eos_ids, pad_token_id=pad_id)[:, ids.shape[1]:].tolist()
     cut = []
@@ -55,15 +57,6 @@ def test_greedy_equals_model_generate(tiny_model, tokenizer):
     eos = grpo.eos_token_ids(tiny_model, tokenizer)
     ours, _ = grpo.generate(tiny_model, p, 24, temperature=0, eos_token_ids=eos)
     assert ours == hf_greedy(tiny_model, p, 24, eos, tokenizer.pad_token_id)
-
-
-def test_greedy_equals_model_generate_with_eager_attention(tokenizer):
-    model = make_tiny_model(tokenizer)
-    model.set_attn_implementation("eager")  # an additive float mask instead of sdpa's boolean one
-    p = prompts(tokenizer)
-    eos = grpo.eos_token_ids(model, tokenizer)
-    ours, _ = grpo.generate(model, p, 24, temperature=0, eos_token_ids=eos)
-    assert ours == hf_greedy(model, p, 24, eos, tokenizer.pad_token_id)
 
 
 def test_greedy_equals_naive_decoder_with_rows_finishing_early(tiny_model, tokenizer):
@@ -107,11 +100,11 @@ def test_seed_reproduces(tiny_model, tokenizer):
     assert a == b and la == lb and a != c
 
 
-@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.9), (0, 1.0)])
-def test_sampler_logprobs_equal_sequence_logprobs(tiny_model, tokenizer, temperature, top_p):
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3, 0])
+def test_sampler_logprobs_equal_sequence_logprobs(tiny_model, tokenizer, temperature):
     p = prompts(tokenizer)
     rows = [x for x in p for _ in range(3)]
-    tokens, logps = grpo.generate(tiny_model, rows, 16, temperature, top_p, seed=0)
+    tokens, logps = grpo.generate(tiny_model, rows, 16, temperature, seed=0)
     with torch.no_grad():
         recomputed, mask = grpo.sequence_logprobs(tiny_model, rows, tokens, temperature, chunk_tokens=7)
     sampled, _ = grpo.pad_completions(logps, value=0.0)
@@ -291,7 +284,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
     for ckpt in (False, True):
         model = make_tiny_model(tokenizer, seed=2).train()
         if ckpt:
-            grpo.enable_grad_ckpt(model)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lp, mask = grpo.sequence_logprobs(model, p, comps)
         (lp * mask).sum().backward()
         grads.append(torch.cat([q.grad.flatten() for q in model.parameters()]))
@@ -334,26 +327,12 @@ def test_load_problems_errors_name_file_and_line(tmp_path):
     assert grpo.load_problems(str(path), limit=1)[0]["answer"] == "2"  # taken from the solution's box
 
 
-def test_arith_and_batches_are_deterministic():
-    assert grpo.arith_problems(5, seed=3) == grpo.arith_problems(5, seed=3)
-    assert grpo.arith_problems(5, seed=3) != grpo.arith_problems(5, seed=4)
+def test_ops_and_batches_are_deterministic():
+    assert grpo.ops_problems(5, seed=3) == grpo.ops_problems(5, seed=3)
+    assert grpo.ops_problems(5, seed=3) != grpo.ops_problems(5, seed=4)
     a = [grpo.batch_indices(10, 4, s, 0) for s in range(5)]
     assert a == [grpo.batch_indices(10, 4, s, 0) for s in range(5)]
     assert sorted(a[0] + a[1] + grpo.batch_indices(10, 4, 2, 0)[:2]) == list(range(10))  # an epoch is a permutation
-
-
-def test_arith_test_split_is_disjoint_from_training_and_correct():
-    from math_reward import reward
-    train, test = grpo.load_problems("arith", seed=0), grpo.load_problems("arith-test", seed=1)
-    pairs = lambda rows: {tuple(sorted(map(int, p["problem"][8:-1].split(" + ")))) for p in rows}  # noqa: E731
-    assert not pairs(train) & pairs(test)              # neither a + b nor b + a of a test sum is ever trained on
-    assert len(test) == len({p["problem"] for p in test}) >= 30  # each test sum once
-    for p in train[:50] + test:
-        a, b = map(int, p["problem"][8:-1].split(" + "))
-        assert p["answer"] == str(a + b) and reward(p["solution"], p["answer"]) == 1.0
-    assert grpo.drop_overlap(train, test) == train
-    with pytest.raises(SystemExit, match="every training problem"):
-        grpo.drop_overlap(test, test)
 
 
 RULES = {"star": lambda a, b: a + b, "diamond": lambda a, b: a * b, "bullet": lambda a, b: a - b,
@@ -383,11 +362,11 @@ def test_ops_task_is_seeded_disjoint_and_correct_by_construction():
 
 def test_ops_retrieval_finds_the_operator_and_carries_the_answer_below_chance():
     train, test = grpo.load_problems("ops"), grpo.load_problems("ops-test")
-    contexts = grpo.retrieve(test, train)
+    contexts = hl_generator.retrieve(test, train)
     assert all(c is not None for c in contexts)
     for p, c in zip(test, contexts):
         op = _operands(p)[0]
-        assert f"\\{op} " in c[0] and not grpo.restates(c[0], p["problem"])   # the same operator, other digits
+        assert f"\\{op} " in c[0] and not hl_generator.restates(c[0], p["problem"])   # the same operator, other digits
     carried = sum(grpo.carries_answer(c, p["answer"]) for p, c in zip(test, contexts)) / len(test)
     same_op = {op: [q["answer"] for q in train if _operands(q)[0] == op] for op in RULES}
     chance = sum(same_op[_operands(p)[0]].count(p["answer"]) / len(same_op[_operands(p)[0]]) for p in test) / len(test)
@@ -398,8 +377,10 @@ def test_drop_overlap_by_id_and_by_text(capsys):
     train = [{"problem": "What is $2+2$?", "unique_id": "a"}, {"problem": "what is 2+2?", "unique_id": "b"},
              {"problem": "What is 3+3?", "unique_id": "c"}, {"problem": "Other", "unique_id": "e1"}]
     held = [{"problem": "What is 2+2?", "unique_id": "e1"}]
-    assert [p["unique_id"] for p in grpo.drop_overlap(train, held)] == ["c"]
+    assert [p["unique_id"] for p in hl_generator.drop_overlap(train, held)] == ["c"]
     assert "3 of 4 removed" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="every training problem"):
+        hl_generator.drop_overlap(held, held)
 
 
 def test_random_streams_differ_by_purpose_and_reproduce(tiny_model, tokenizer):
@@ -430,7 +411,7 @@ def run_grpo(args, cwd):
 
 def test_script_runs_checkpoints_and_resumes_exactly(tiny_model_dir, tmp_path):
     common = ["--model", tiny_model_dir, "--batch-problems", "2", "--group-size", "2", "--max-new-tokens", "6",
-              "--save-every", "2", "--sample-every", "1", "--device", "cpu", "--lr", "1e-3"]
+              "--save-every", "2", "--device", "cpu", "--lr", "1e-3"]
     run_grpo(common + ["--steps", "3", "--out", "straight"], tmp_path)
     run_grpo(common + ["--steps", "2", "--out", "split"], tmp_path)
     assert os.path.exists(tmp_path / "split" / "ckpt" / "policy" / "config.json")

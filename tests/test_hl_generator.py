@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import alternate
 import grpo
 import hl_generator as hl
 from conftest import MATH500, MATH_TRAIN, make_tiny_model
@@ -65,7 +66,7 @@ def test_parse_hostile_is_bounded():
      False),
 ])
 def test_restates(example, x, same):
-    assert grpo.restates(example, x) is same
+    assert hl.restates(example, x) is same
     text = f"Problem: {example}\nSolution: so $\\boxed{{7}}$."
     assert (hl.parse_context(text, x) is None) is same           # a restatement is no context
     assert hl.parse_context(text) is not None                    # ... but it is in the format
@@ -98,14 +99,14 @@ def test_sft_pairs_on_the_real_files():
     pairs = hl.build_sft_pairs(train + test[:50], test)  # MATH-500 problems slipped into train must not appear
     elapsed = time.perf_counter() - start
     held_ids = {p["unique_id"] for p in test}
-    held_text = {grpo.normalize_text(p["problem"]) for p in test}
-    by_text = {grpo.normalize_text(p["problem"]): p for p in train}
+    held_text = {hl.normalize_text(p["problem"]) for p in test}
+    by_text = {hl.normalize_text(p["problem"]): p for p in train}
     assert len(pairs) == len(train)
     for x, (xp, yp) in pairs:
         assert x["unique_id"] not in held_ids
-        assert grpo.normalize_text(xp) not in held_text
-        assert grpo.normalize_text(xp) != grpo.normalize_text(x["problem"])  # never x itself
-        assert by_text[grpo.normalize_text(xp)]["subject"] == x["subject"]  # same subject
+        assert hl.normalize_text(xp) not in held_text
+        assert hl.normalize_text(xp) != hl.normalize_text(x["problem"])  # never x itself
+        assert by_text[hl.normalize_text(xp)]["subject"] == x["subject"]  # same subject
     assert elapsed < 60, f"D_SFT took {elapsed:.0f}s"  # seconds, not minutes (generous bound for slow CI)
 
 # -----------------------------------------------------------------------------
@@ -130,8 +131,9 @@ def test_sft_overfits_a_tiny_set(tokenizer):
     model = make_tiny_model(tokenizer)
     pairs = [({"problem": f"What is {a} + 1?"}, (f"What is {a} + 2?", f"{a} + 2 = {a + 2}, so $\\boxed{{{a + 2}}}$."))
              for a in range(8)]
-    cfg = hl.Config(max_context_tokens=64, sft_steps=30, sft_batch=4, sft_lr=3e-3, sft_heldout=0)
-    prompts, targets, _ = hl.sft_examples(tokenizer, pairs, 64, tokenizer.eos_token_id)
+    cfg = alternate.Config(max_context_tokens=64, sft_steps=30, sft_batch=4, sft_lr=3e-3, sft_heldout=0)
+    prompts = [grpo.encode(tokenizer, hl.hl_prompt(tokenizer, x["problem"])) for x, _ in pairs]
+    targets = [grpo.encode(tokenizer, grpo.format_context(c)) + [tokenizer.eos_token_id] for _, c in pairs]
     before = hl.sft_loss(model, prompts, targets).item()
     hl.sft(model, tokenizer, pairs, cfg, tokenizer.eos_token_id, log=lambda *_: None)
     after = hl.sft_loss(model, prompts, targets).item()
@@ -146,7 +148,7 @@ def test_sft_draws_its_batches_and_held_out_pairs_across_subjects(tokenizer, mon
     held, stepped = [], []
     monkeypatch.setattr(hl, "sft_loss", lambda m, p, t, n=None: held.extend(p) or torch.tensor(0.0))  # held-out only
     monkeypatch.setattr(hl, "sft_step", lambda m, o, p, t: stepped.extend(p) or 0.0)
-    cfg = hl.Config(max_context_tokens=384, sft_steps=5, sft_batch=4, sft_heldout=16)
+    cfg = alternate.Config(max_context_tokens=384, sft_steps=5, sft_batch=4, sft_heldout=16)
     hl.sft(make_tiny_model(tokenizer), tokenizer, pairs, cfg, tokenizer.eos_token_id, log=lambda *_: None)
     held_subjects = {subject[tuple(p)] for p in held[:16]}
     step_subjects = {subject[tuple(p)] for p in stepped}
@@ -201,10 +203,10 @@ def test_kl_to_sft_is_zero_after_sft_and_beta_zero_drops_it(tokenizer, monkeypat
 def test_hl_step_gives_no_gradient_to_the_ll(tokenizer):
     hl_model, ll_model = make_tiny_model(tokenizer, seed=4), make_tiny_model(tokenizer, seed=5)
     ll_before = [p.clone() for p in ll_model.parameters()]
-    cfg = replace(hl.Config(), hl_group=2, ll_answers=2, max_context_tokens=8, max_new_tokens=6, lr=1e-3, micro_batch=4)
+    cfg = replace(alternate.Config(), hl_group=2, ll_answers=2, max_context_tokens=8, max_new_tokens=6, lr=1e-3, micro_batch=4)
     problems = [{"problem": "What is 1 + 1?", "answer": "2"}, {"problem": "What is 2 + 2?", "answer": "4"}]
     opt = torch.optim.AdamW(hl_model.parameters(), lr=1e-3)
-    record, _ = hl.hl_step(hl_model, grpo.frozen_copy(hl_model), ll_model, opt, tokenizer, problems, cfg, 0, [2])
+    record = hl.hl_step(hl_model, grpo.frozen_copy(hl_model), ll_model, opt, tokenizer, problems, cfg, 0, [2])
     assert all(torch.equal(a, b) for a, b in zip(ll_before, ll_model.parameters()))
     assert all(p.grad is None for p in ll_model.parameters())
     assert 0.0 <= record["parse_rate"] <= 1.0 and "kl" in record
@@ -229,10 +231,10 @@ def test_hl_step_fits_the_lls_prompts_by_the_ll_steps_rule(tokenizer, monkeypatc
 
     monkeypatch.setattr(hl, "generate_contexts", contexts)
     monkeypatch.setattr(hl, "generate", generate)
-    cfg = replace(hl.Config(), hl_group=2, ll_answers=1, max_context_tokens=8, max_new_tokens=4, micro_batch=4,
+    cfg = replace(alternate.Config(), hl_group=2, ll_answers=1, max_context_tokens=8, max_new_tokens=4, micro_batch=4,
                   max_prompt_tokens=limit)
     opt = torch.optim.AdamW(hl_model.parameters(), lr=1e-3)
-    record, _ = hl.hl_step(hl_model, grpo.frozen_copy(hl_model), ll_model, opt, tokenizer, problems, cfg, 0, [2])
+    record = hl.hl_step(hl_model, grpo.frozen_copy(hl_model), ll_model, opt, tokenizer, problems, cfg, 0, [2])
     fitted, dropped = grpo.fit_contexts(tokenizer, problems, [[short, long]] * 2, limit)
     expected = [grpo.encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"], c)) for p, cs in zip(problems, fitted)
                 for c in cs]
@@ -241,36 +243,11 @@ def test_hl_step_fits_the_lls_prompts_by_the_ll_steps_rule(tokenizer, monkeypatc
 
 
 # -----------------------------------------------------------------------------
-# the commands
+# SFT in alternate.py: refused with a clear message when no target fits
 
 
-def run(args, cwd):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "hl_generator.py")] + args, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
-
-
-def test_flags_that_would_do_nothing_are_refused(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "hl_generator.py"), "train", "--beta", "0.5"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "unrecognized arguments: --beta" in proc.stderr  # beta_HL is --beta-hl
-
-
-def test_sft_then_train_commands(tiny_model_dir, tmp_path):
-    out = run(["sft", "--model", tiny_model_dir, "--data", "arith", "--limit", "40", "--sft-steps", "2",
-               "--sft-batch", "4", "--out", "sft", "--device", "cpu"], tmp_path)
-    assert "held-out loss after" in out
-    assert os.path.exists(tmp_path / "sft" / "hl" / "config.json")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "hl_generator.py"), "sft", "--model", tiny_model_dir,
-                           "--data", "arith", "--limit", "40", "--max-context-tokens", "5", "--out", "short"],
+def test_sft_with_no_target_that_fits_says_so(tiny_model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "alternate.py"), "--model", tiny_model_dir,
+                           "--limit", "40", "--max-context-tokens", "5", "--out", "short", "--device", "cpu"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "raise it" in proc.stderr  # a clear message, not a ZeroDivisionError
-    out = run(["sample", "--model", str(tmp_path / "sft" / "hl"), "--data", "arith", "--n-show", "2",
-               "--max-context-tokens", "8", "--out", "sample", "--device", "cpu"], tmp_path)
-    assert "parse rate" in out
-    run(["train", "--model", str(tmp_path / "sft" / "hl"), "--ll-model", tiny_model_dir, "--data", "arith",
-         "--limit", "20", "--steps", "2", "--batch-problems", "1", "--hl-group", "2", "--ll-answers", "1",
-         "--max-context-tokens", "8", "--max-new-tokens", "6", "--out", "train", "--device", "cpu"], tmp_path)
-    records = [json.loads(l) for l in open(tmp_path / "train" / "metrics.jsonl")]
-    assert [r["step"] for r in records] == [1, 2] and all("parse_rate" in r and "ctx_self" in r for r in records)
