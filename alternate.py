@@ -58,7 +58,7 @@ class Config(grpo.Config):
     joint: bool = arg(False, "ablation: one combined LL+HL step per round instead of alternating phases")
     hl_model: str = arg("", "HL base model, same tokenizer (default: --model)")
     hl_init: str = arg("", "an SFT'd HL folder: theta_0 without running SFT")
-    ll_init: str = arg("", "an exp-1 checkpoint folder (OUT/ckpt/ll): phi_0 (default: --model)")
+    ll_init: str = arg("", "phi_0, a trained LL: OUT/ckpt/ll of alternate.py, OUT/ckpt/policy of grpo.py (default: --model)")
     hl_lr: float = arg(1e-5, "HL learning rate", gt=0)
     eval_data: str = arg("", "held-out problems (default: --data's test split, else math500); removed from training")
     eval_limit: int = arg(16, "evaluate on the first N held-out problems (0 = all)", ge=0)
@@ -83,10 +83,10 @@ class Config(grpo.Config):
 
 
 def experiment_defaults(cfg):
-    """The fields --exp sets, where left at '' / -1; --frozen-ll means 0 LL steps, an HL-free source 0 HL steps."""
+    """The fields --exp sets, where left at '' / -1; --frozen-ll means 0 LL steps, --joint or no HL 0 HL steps."""
     d = {k: v if getattr(cfg, k) in ("", -1) else getattr(cfg, k) for k, v in EXPERIMENTS[cfg.exp].items()}
-    return {**d, "ll_steps": 0 if cfg.frozen_ll else d["ll_steps"], "hl_steps": 0 if d["hl"] in ("retrieved", "random")
-            else d["hl_steps"]}
+    return {**d, "ll_steps": 0 if cfg.frozen_ll else d["ll_steps"],
+            "hl_steps": 0 if d["hl"] in ("retrieved", "random") or cfg.joint else d["hl_steps"]}
 
 
 def changed_flags(cfg):
@@ -129,13 +129,11 @@ def main(cfg):
     eval_all = grpo.load_problems(cfg.eval_data)  # one evaluation set whatever the seed: eval_math500.py --limit's
     eval_problems = eval_all[:cfg.eval_limit or None]
     problems = hl_generator.drop_overlap(grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed, sample=True), eval_all)
-    sft = cfg.hl == "sft" and not cfg.hl_init
     device = grpo.init_distributed(cfg.device, {"--batch-problems": cfg.batch_problems,
-                                                "--sft-batch": cfg.sft_batch if sft else 0})
+                                                "--sft-batch": cfg.sft_batch if cfg.hl == "sft" and not cfg.hl_init else 0})
     out, t_start, hl_free = grpo.start_run(cfg), time.time(), cfg.hl in ("retrieved", "random")
     test_ctx, train_ctx = cfg.hl != "none" and cfg.context_at != "none", cfg.hl != "none" and cfg.context_at == "train+test"
-    print(f"HICRL experiment {cfg.exp} ({changed_flags(cfg) or 'the default: ~5 min on 2 CPU cores'}): contexts {cfg.hl} at "
-          f"{cfg.context_at}, {cfg.rounds} rounds, evaluated on {len(eval_problems)} problems of {cfg.eval_data}; {device}")
+    print(f"HICRL experiment {cfg.exp} on {device}: {changed_flags(cfg) or 'the default, ~5 min on 2 CPU cores'}")
     ll, tok = grpo.load_model(cfg.ll_init or cfg.model, device, trainable=True, precision=cfg.precision,
                               grad_ckpt=cfg.grad_ckpt, flag="--ll-init" if cfg.ll_init else "--model")
     ref, prior = context_grpo.make_prior(ll, cfg)  # p_ref = q = frozen phi_0, copied before a resume loads phi_t
@@ -147,13 +145,13 @@ def main(cfg):
     kind = cfg.hl if hl_free and train_ctx else "random" if cfg.icpo else "none"  # without an HL: ICPO's default D
     source = hl_generator.context_source(kind, problems, problems, cfg.seed)
     test_src = hl_generator.context_source(cfg.hl, problems, eval_problems, cfg.seed) if hl_free and test_ctx else None
-    start, hl_steps = grpo.load_checkpoint(out, models, opts) if cfg.resume else 0, 0 if cfg.joint else cfg.hl_steps
+    test_ctxs = [c[0] for c in test_src(eval_problems, 1, 0, "test")] if test_src else None  # the same every round
+    start = grpo.load_checkpoint(out, models, opts) if cfg.resume else 0
 
     def run_eval(t):  # accuracy on the held-out problems, with the contexts at test time: eval.json, metrics.jsonl
-        s = evaluate(ll, tok, eval_problems, eos, hl if test_ctx and not hl_free else None, max_new_tokens=cfg.
-                     eval_max_new_tokens or cfg.max_new_tokens, max_context_tokens=cfg.max_context_tokens, seed=cfg.seed,
-                     out_file=os.path.join(out, f"eval_round{t + 1}.jsonl"), self_threshold=cfg.self_threshold,
-                     contexts=[c[0] for c in test_src(eval_problems, 1, 0, "eval")] if test_src else None)
+        s = evaluate(ll, tok, eval_problems, eos, hl if test_ctx and not hl_free else None, contexts=test_ctxs,
+                     max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, max_context_tokens=cfg.max_context_tokens,
+                     self_threshold=cfg.self_threshold, seed=cfg.seed, out_file=f"{out}/eval_round{t + 1}.jsonl")
         print_summary(s)
         s.update(rounds=t + 1, wall_clock=time.time() - t_start, exp=cfg.exp, flags=changed_flags(cfg))
         log("eval", t, {k: v for k, v in s.items() if not isinstance(v, (dict, str))})
@@ -171,22 +169,24 @@ def main(cfg):
 
     if start == 0 and not cfg.resume:
         run_eval(-1)  # round 0: every later number has its baseline beside it
-    if not (cfg.ll_steps or hl_steps):
+    if not (cfg.ll_steps or cfg.hl_steps):
         print(f"nothing to train in experiment {cfg.exp}: the evaluation above is the result")
         return grpo.save_checkpoint(out, 0, models, opts, tok)
     for t in range(start, cfg.rounds):
         for k in range(cfg.ll_steps):  # 1. the LL phase, the HL fixed
             idx, batch = t * cfg.ll_steps + k, draw(t * cfg.ll_steps + k, cfg.seed)
             n, purpose = (cfg.n_off, "demo") if cfg.icpo else (cfg.group_size, "ctx")
-            ctx, _, _, stats = (hl_generator.hl_contexts(hl, tok, batch, n, cfg, eos, purpose, idx) if train_ctx and hl
-                                is not None and not cfg.joint else (source(batch, n, idx, purpose), 0, 0, {}))
+            if train_ctx and hl is not None and not cfg.joint:  # sampled from the HL
+                ctx, _, _, stats = hl_generator.hl_contexts(hl, tok, batch, n, cfg, eos, purpose, idx)
+            else:  # without an HL: retrieved, random or none
+                ctx, stats = source(batch, n, idx, purpose), {}
             record = (joint_step(ll, ref, prior, hl, sft_model, opts, tok, batch, cfg, idx, eos) if cfg.joint else
                       context_grpo.ll_round_step(ll, ref, prior, opts["ll"], tok, batch, ctx, cfg, idx, eos)[0])
             log("ll", t, {**record, **stats}, k, cfg.ll_steps)
-        for k in range(hl_steps):  # 2. the HL phase, the LL fixed
+        for k in range(cfg.hl_steps):  # 2. the HL phase, the LL fixed
             idx = t * cfg.hl_steps + k
             log("hl", t, hl_generator.hl_step(hl, sft_model, ll, opts["hl"], tok, draw(idx, cfg.seed + 1), cfg, idx, eos),
-                k, hl_steps)
+                k, cfg.hl_steps)
         if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds:  # 3. evaluate, 4. checkpoint
             run_eval(t)
         grpo.save_checkpoint(out, t + 1, models, opts, tok)

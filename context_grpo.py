@@ -9,6 +9,7 @@ import torch
 
 import grpo
 from grpo import encode, fit_contexts, format_context, format_prompt, pad_completions, policy_update, sequence_logprobs
+from math_reward import carries_answer
 
 # §4: the utilisation reward ------------------------------------------------------------------------------------------
 
@@ -54,7 +55,7 @@ def ll_step(model, ref_model, prior, optimizer, tokenizer, batch, contexts, cfg,
     record = grpo.step_record(step, roll, rewards, stats, time.time() - t1, eos, cfg.group_size, ref_model)
     given = [c for cs in contexts for c in cs if c is not None]              # what the contexts were, and the leakage
     has = torch.tensor([c is not None for cs in contexts for c in cs])
-    leaks = [grpo.carries_answer(c, p["answer"]) for p, cs in zip(batch, contexts) for c in cs if c]
+    leaks = [carries_answer(c, p["answer"]) for p, cs in zip(batch, contexts) for c in cs if c]
     record.update(util_stats, reward_task=roll["rewards"].mean().item(),
                   acc_ctx=roll["acc"][has].mean().item() if has.any() else float("nan"),
                   ctx_len=(sum(len(encode(tokenizer, format_context(c))) for c in given) / len(given)) if given else 0.0,
@@ -80,7 +81,7 @@ def print_record(prefix, r, total):  # one line per step; a rate that is NaN (no
 
 def check_flags(cfg):
     """The LL's flags that contradict each other: one message before anything loads."""
-    path = lambda name: os.path.realpath(grpo.resolve_model(name))
+    path = lambda name: "smollm2" if name in ("", "smollm2") else os.path.realpath(grpo.resolve_model(name))
     if cfg.icpo and cfg.n_off > cfg.group_size - 1:
         raise SystemExit("--n-off: at most --group-size - 1 (an accepted IEF rollout replaces an on-policy one)")
     if cfg.prior == "base" and not cfg.icpo and path(cfg.base_model or cfg.model) == path(cfg.ll_init or cfg.model):
@@ -90,11 +91,13 @@ def check_flags(cfg):
 def make_prior(model, cfg):
     """(p_ref, q): p_ref = phi_0 frozen (None at --beta 0); q = init: that same frozen phi_0 (one copy, made before a
     resume loads phi_t), base: the pretrained --base-model, frozen, self: the current LL (a reward: no gradient)."""
-    phi0 = grpo.frozen_copy(model.eval()) if cfg.beta > 0 or cfg.prior == "init" else None
+    phi0 = grpo.frozen_copy(model) if cfg.beta > 0 or cfg.prior == "init" else None
     if cfg.prior == "base":
-        base, _ = grpo.load_model(cfg.base_model or cfg.model, model.device, trainable=True, precision=cfg.precision,
-                                  flag="--base-model" if cfg.base_model else "--model")
-    q = base.eval().requires_grad_(False) if cfg.prior == "base" else {"init": phi0, "self": model}[cfg.prior]
+        q, _ = grpo.load_model(cfg.base_model or cfg.model, model.device, trainable=True, precision=cfg.precision,
+                               flag="--base-model" if cfg.base_model else "--model")
+        q.eval().requires_grad_(False)
+    else:
+        q = phi0 if cfg.prior == "init" else model
     return phi0 if cfg.beta > 0 else None, q
 
 # §7: ICPO ------------------------------------------------------------------------------------------------------------
@@ -102,7 +105,7 @@ def make_prior(model, cfg):
 
 def expert_bonus(beta, step, total_steps):
     """Annealed expert bonus beta * (1 - t/T) at step t = 0..T-1, 0 from t = T on (a resume that adds steps)."""
-    return beta * max(0.0, 1.0 - step / total_steps)
+    return beta * max(0.0, 1.0 - step / max(total_steps, 1))
 
 
 def errs_merge(off_problem, off_correct, n_problems, group_size):

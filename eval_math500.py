@@ -2,13 +2,13 @@
 eval_math500.py: the LL's accuracy on MATH-500 (or any JSONL, ops-test) with no context or a greedy one per problem from
 --hl-model: 95% intervals, per level and subject, every generation saved. Over run folders: --report RUN..., --plot RUN...
 """
-import json, math, os, sys, time
+import json, math, os, sys, textwrap, time
 from dataclasses import dataclass
 
 import grpo
 from grpo import arg, encode, format_context, format_prompt, generate, stream_seed
 from hl_generator import generate_contexts, parse_context
-from math_reward import extract_boxed, reward
+from math_reward import carries_answer, extract_boxed, reward
 
 # the intervals (README deviation 12) ---------------------------------------------------------------------------------
 
@@ -57,7 +57,7 @@ def evaluate(ll_model, tokenizer, problems, eos, hl_model=None, temperature=0.0,
             records.append({"unique_id": p.get("unique_id"), "level": p.get("level"), "subject": p.get("subject"),
                             "problem": p["problem"], "answer": p["answer"], "hl_output": hl_text,
                             "context": format_context(c) if c else None, "context_parsed": c is not None or restated,
-                            "ctx_self": restated, "ctx_has_answer": grpo.carries_answer(c, p["answer"]),
+                            "ctx_self": restated, "ctx_has_answer": carries_answer(c, p["answer"]),
                             "response": text, "extracted": extract_boxed(text), "score": reward(text, p["answer"])})
         log(f"eval {len(records)}/{len(problems)} | acc so far {sum(r['score'] for r in records) / len(records):.3f}")
     records = grpo.gather(records)
@@ -130,21 +130,22 @@ def report(folders, log=print):
 
 def plot(folders, out_png, log=print):
     """Learning curves, a panel per experiment, a colour per seed: the held-out accuracy at each evaluation."""
+    os.environ.setdefault("MPLBACKEND", "Agg")  # files only, no display
     try:
-        import matplotlib.pyplot as plt  # with no display it draws into files (Agg)
+        import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
     panels = {}
     for name, ev, metrics in _runs(folders, log):
         panels.setdefault(_experiment(ev), []).append((name, metrics))
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 3.4), squeeze=False, sharey=True)
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.4), squeeze=False, sharey=True, layout="tight")
     for ax, ((exp, flags), runs) in zip(axes.flat, sorted(panels.items(), key=str)):
         for name, metrics in runs:
             evals = [(r["step"], r["eval/acc"]) for r in metrics if r.get("phase") == "eval"]
             ax.plot([e[0] for e in evals], [e[1] for e in evals], "o-", label=name)
-        ax.set(title=f"exp {exp}, {flags}"[:70], xlabel="round", ylabel="accuracy (R_task)", ylim=(-0.02, 1.02))
+        ax.set(title=textwrap.fill(f"exp {exp}, {flags}", 40), xlabel="round", ylabel="accuracy", ylim=(-0.02, 1.02))
         ax.legend(fontsize=6)
-    fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     log(f"wrote {out_png}: {len(panels)} experiment(s)")
 
@@ -157,10 +158,8 @@ class Config:
     hl_model: str = arg("", "an HL (a folder, e.g. OUT/ckpt/hl): each problem gets one greedy context first")
     data: str = arg("math500", "a JSONL path, ops-test (built-in), or math500 (the hub)")
     limit: int = arg(0, "the first N problems only (0 = all)", ge=0)
-    temperature: float = arg(0.0, "LL sampling temperature (0 = greedy)", ge=0)
     max_new_tokens: int = arg(512, "LL answer budget", ge=1)
     max_context_tokens: int = arg(384, "HL context budget", ge=1)
-    seed: int = arg(0, "sampling seed", ge=0)
     out: str = arg("runs/eval.jsonl", "every problem, context, response, extracted answer and verdict (JSONL)")
     device: str = arg("", "cuda / cpu (default: cuda when available)")
     precision: str = arg("auto", "auto: bf16 on a GPU, fp32 on a CPU", choices=["auto", "fp32", "bf16"])
@@ -170,10 +169,10 @@ def main(cfg):
     problems = grpo.load_problems(cfg.data, cfg.limit or None)  # the data first: a bad file stops before any model
     device = grpo.init_distributed(cfg.device, {})  # under torchrun each rank scores a share
     model, tokenizer = grpo.load_model(cfg.model, device, precision=cfg.precision)
-    hl = grpo.load_model(cfg.hl_model, device, flag="--hl-model", precision=cfg.precision)[0] if cfg.hl_model else None
+    hl = grpo.load_model(cfg.hl_model, device, precision=cfg.precision, flag="--hl-model")[0] if cfg.hl_model else None
     print(f"evaluating {cfg.model} on {len(problems)} problems of {cfg.data}, {'with' if hl else 'without'} HL contexts")
-    s = evaluate(model.eval(), tokenizer, problems, grpo.eos_token_ids(model, tokenizer), hl and hl.eval(), cfg.temperature,
-                 cfg.max_new_tokens, cfg.max_context_tokens, 16, cfg.seed, cfg.out)
+    s = evaluate(model.eval(), tokenizer, problems, grpo.eos_token_ids(model, tokenizer), hl,
+                 max_new_tokens=cfg.max_new_tokens, max_context_tokens=cfg.max_context_tokens, out_file=cfg.out)
     print_summary(s)
     grpo.write_json(os.path.splitext(cfg.out)[0] + ".summary.json", s)
 

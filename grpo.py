@@ -3,13 +3,13 @@ grpo.py: the GRPO backbone (DESIGN.md §3.1) and experiment 1, `python grpo.py [
 rollouts (generate), R_task, A_i = r_i - mean_j r_j, per token -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta k3 (grpo_loss).
 Also what every file shares: models, data, prompts, torchrun helpers, flags, run folders, checkpoints.
 """
-import argparse, copy, importlib.util, json, math, os, random, resource, shutil, sys, time
+import argparse, copy, importlib.util, json, math, os, pathlib, random, resource, shutil, sys, time
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 
-from math_reward import extract_boxed, is_equiv, reward as task_reward
+from math_reward import extract_boxed, reward as task_reward
 
 # models --------------------------------------------------------------------------------------------------------------
 
@@ -44,8 +44,8 @@ def load_model(name=None, device="cpu", trainable=False, flag="--model", precisi
     """(model, tokenizer). Under bf16 a trained model keeps fp32 weights under bf16 autocast (README deviation 6)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
+    path = resolve_model(name)
     try:
-        path = resolve_model(name)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
                                                      dtype=torch.bfloat16 if bf16 and not trainable else torch.float32)
@@ -138,17 +138,14 @@ def batch_indices(n, batch, step, seed):  # a seeded shuffle per epoch, a pure f
     return [int(np.random.default_rng([seed, k // n]).permutation(n)[k % n]) for k in ks]
 
 
-PURPOSES = ("data", "ll", "hl", "hl_ll", "ctx", "demo", "eval", "sft")
+PURPOSES = ("data", "ll", "hl", "hl_ll", "ctx", "demo", "eval", "sft", "test")
 
 
 def stream_seed(seed, purpose, *keys):
-    """The seed of one random stream: a hash of the seed, the purpose, where (the step...) and the rank under torchrun."""
-    entropy = [seed, PURPOSES.index(purpose), *keys] + ([rank()] if world_size() > 1 else [])
+    """The seed of one random stream: a hash of seed, purpose, keys (the step...) and the torchrun rank (not for "test")."""
+    entropy = [seed, PURPOSES.index(purpose), *keys] + ([rank()] if world_size() > 1 and purpose != "test" else [])
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
-
-def carries_answer(context, answer):  # does a context (x', y') box x's own answer? The leakage beside an accuracy
-    return context is not None and is_equiv(extract_boxed(context[1]) or "", answer)
 
 INSTRUCTION = "Solve the following math problem. Reason step by step, and put your final answer within \\boxed{}."
 
@@ -413,8 +410,8 @@ def reduce_record(record):
         torch.distributed.all_gather_object(every, {k: v for k, v in record.items() if type(v) in (int, float)})
     for k in sorted(set().union(*every) - {"step"}) if world_size() > 1 else []:
         vals = [r[k] for r in every if k in r and r[k] == r[k]]
-        record[k] = (math.nan if not vals else sum(vals) if k.endswith("_tok_s") else max(vals)
-                     if k in ("peak_mem_gb", "time") else sum(vals) / len(vals))
+        record[k] = (math.nan if not vals else sum(vals) if k.endswith("_tok_s") else
+                     max(vals) if k in ("peak_mem_gb", "time") else sum(vals) / len(vals))
     return record
 
 
@@ -485,7 +482,7 @@ def start_run(cfg):
         if not cfg.overwrite:
             raise SystemExit(f"{cfg.out} already holds a run: --resume {cfg.out}, --overwrite, or another --out")
         for path in [os.path.join(cfg.out, n) for n in os.listdir(cfg.out) if n in RUN_FILES or n.startswith("eval_round")]:
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
     if rank() == 0:
         os.makedirs(cfg.out, exist_ok=True)
         write_json(os.path.join(cfg.out, "config.json"), {"script": _script(type(cfg)), **asdict(cfg)})
@@ -536,6 +533,7 @@ def save_checkpoint(folder, step, models, optimizers, tokenizer):
                torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None]
         torch.save({"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "rng": rng},
                    os.path.join(tmp, "state.pt"))  # written last: its presence marks a complete checkpoint
+        pathlib.Path(final, "state.pt").unlink(missing_ok=True)  # first: a half-deleted ckpt/ never looks whole
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     barrier()
@@ -544,11 +542,12 @@ def save_checkpoint(folder, step, models, optimizers, tokenizer):
 def load_checkpoint(folder, models, optimizers):
     """Weights, optimisers (the current lr kept), RNG; drops later metric lines. Returns the step (0 if none)."""
     from transformers import AutoModelForCausalLM
-    ckpt, step = os.path.join(folder, "ckpt"), 0
-    if not os.path.exists(os.path.join(ckpt, "state.pt")) and os.path.exists(os.path.join(ckpt + ".tmp", "state.pt")):
-        shutil.rmtree(ckpt, ignore_errors=True)  # killed between save_checkpoint's delete and rename
+    ckpt, step, whole = os.path.join(folder, "ckpt"), 0, lambda d: os.path.exists(os.path.join(d, "state.pt"))
+    if rank() == 0 and not whole(ckpt) and whole(ckpt + ".tmp"):  # killed between save_checkpoint's delete and rename
+        shutil.rmtree(ckpt, ignore_errors=True)
         os.replace(ckpt + ".tmp", ckpt)
-    if os.path.exists(os.path.join(ckpt, "state.pt")):
+    barrier()
+    if whole(ckpt):
         for name, model in models.items():
             saved = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, name), dtype=model.dtype)
             model.load_state_dict(saved.state_dict())
@@ -594,7 +593,7 @@ class Config:
     grad_clip: float = arg(1.0, "max gradient norm (0 = no clipping)", ge=0)
     seed: int = arg(0, "seed for data order, sampling and init", ge=0)
     save_every: int = arg(10, "checkpoint every N steps and at the end (0 = only at the end)", ge=0)
-    out: str = arg("runs/grpo", "run folder: config.json, metrics.jsonl, samples.jsonl, ckpt/")
+    out: str = arg("runs/grpo", "run folder: config.json, metrics.jsonl, ckpt/ (the LL in ckpt/policy)")
     resume: str = arg("", "continue the run in this folder from its last checkpoint")
     overwrite: bool = arg(False, "replace the run already in --out")
     device: str = arg("", "cuda / cpu (default: cuda when available)")
@@ -672,11 +671,11 @@ def main(cfg):
     device = init_distributed(cfg.device, {"--batch-problems": cfg.batch_problems})
     out = start_run(cfg)
     model, tokenizer = load_model(cfg.model, device, trainable=True, precision=cfg.precision, grad_ckpt=cfg.grad_ckpt)
-    ref_model = frozen_copy(model.eval()) if cfg.beta > 0 else None  # p_ref = phi_0, copied before a resume loads
+    ref_model = frozen_copy(model) if cfg.beta > 0 else None  # p_ref = phi_0, copied before a resume loads
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     step = load_checkpoint(out, {"policy": model}, {"policy": optimizer}) if cfg.resume else 0
     problems, eos = fit_prompts(tokenizer, problems, cfg.max_prompt_tokens), eos_token_ids(model, tokenizer)
-    print(f"GRPO: {len(problems)} problems, {cfg.batch_problems} x {cfg.group_size} rollouts, {cfg.steps} steps on {device}")
+    print(f"GRPO: {cfg.steps} steps of {cfg.batch_problems} x {cfg.group_size} rollouts on {device}; loss ~0 on-policy")
     while step < cfg.steps:
         batch = my_share([problems[i] for i in batch_indices(len(problems), cfg.batch_problems, step, cfg.seed)])
         record, _ = grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos)

@@ -157,7 +157,8 @@ def sft_step(model, optimizer, prompt_ids, target_ids):
 def sft_order(n, n_held, batch, steps, seed):
     """A seeded permutation of D_SFT, the first n_held held out; step t's batch by grpo.batch_indices over the rest."""
     perm = np.random.default_rng([seed, grpo.PURPOSES.index("sft")]).permutation(n).tolist()  # the same on every rank
-    return perm[:n_held], [[perm[n_held:][i] for i in grpo.batch_indices(n - n_held, batch, t, seed)] for t in range(steps)]
+    held, rest = perm[:n_held], perm[n_held:]
+    return held, [[rest[i] for i in grpo.batch_indices(len(rest), batch, t, seed)] for t in range(steps)]
 
 
 def sft(model, tokenizer, pairs, cfg, eos_id, log=print):

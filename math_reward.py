@@ -222,7 +222,9 @@ def parse_expression(s):
 
 class _Work:
     """The exact arithmetic one is_equiv call may still do, in operand bits (MAX_WORK_BITS in all)."""
-    left = MAX_WORK_BITS
+
+    def __init__(self):
+        self.left = MAX_WORK_BITS
 
     def spend(self, *values):
         bits = sum(v.numerator.bit_length() + v.denominator.bit_length() for v in values if isinstance(v, Fraction))
@@ -433,6 +435,11 @@ def _equiv(a, b, work, depth=0):
 def is_equiv(pred, gold):
     """Whether two final answers (strings, e.g. boxed contents) are the same answer."""
     return pred is not None and gold is not None and _equiv(normalize_answer(pred), normalize_answer(gold), _Work())
+
+
+def carries_answer(context, answer):
+    """Does a context (x', y') box x's own answer? The leakage reported beside every accuracy with a context."""
+    return context is not None and is_equiv(extract_boxed(context[1]) or "", answer)
 
 
 def reward(response, gold):

@@ -60,7 +60,7 @@ def hf_generate(model, prompt_ids, max_new_tokens, eos, pad_id, fixed):
 def bench(name, model, prompt_ids, max_new_tokens, eos, pad_id, fixed, device, repeats):
     rows = []
     for r in range(repeats):  # alternate the two, so drift in machine speed hits both alike
-        (toks, _), t_ours = timed(lambda: grpo.generate(model, prompt_ids, max_new_tokens, 1.0, 1.0,
+        (toks, _), t_ours = timed(lambda: grpo.generate(model, prompt_ids, max_new_tokens, 1.0,
                                                          [] if fixed else eos, seed=r), device)
         n_ours = sum(len(t) for t in toks)
         with grpo._autocast(model):  # the same arithmetic as ours, in one region too

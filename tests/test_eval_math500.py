@@ -127,7 +127,7 @@ def test_print_summary():
 
 
 @pytest.mark.parametrize("argv, message", [(["--limit", "-1"], "^--limit .*must be"),
-                                           (["--temperature", "-1"], "^--temperature .*must be")])
+                                           (["--max-new-tokens", "0"], "^--max-new-tokens .*must be")])
 def test_bad_flags_are_named(argv, message):
     with pytest.raises(SystemExit, match=message):
         grpo.parse_config(eval_math500.Config, argv)

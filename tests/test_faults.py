@@ -167,6 +167,11 @@ def test_a_kill_mid_save_leaves_a_checkpoint_that_loads_whole(tokenizer, tmp_pat
     grpo.save_checkpoint(str(tmp_path), 6, {"policy": model}, {"policy": opt}, tokenizer)
     os.replace(tmp_path / "ckpt", tmp_path / "ckpt.tmp")          # killed between the delete and the rename
     assert grpo.load_checkpoint(str(tmp_path), {"policy": model}, {"policy": opt}) == 6
+    grpo.save_checkpoint(str(tmp_path), 8, {"policy": model}, {"policy": opt}, tokenizer)
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "ckpt.tmp")     # step 8 written whole; then killed inside the delete
+    os.remove(tmp_path / "ckpt" / "state.pt")                     # of the previous ckpt/ (state.pt goes first) ...
+    shutil.rmtree(tmp_path / "ckpt" / "policy")                   # ... with a model folder already gone
+    assert grpo.load_checkpoint(str(tmp_path), {"policy": model}, {"policy": opt}) == 8
 
 
 def test_torn_last_line_is_skipped_and_a_bad_middle_line_named(tmp_path, capsys):

@@ -10,6 +10,7 @@ import torch
 
 import grpo
 import hl_generator
+import math_reward
 from conftest import MATH_TRAIN, make_tiny_model, needs_smollm2
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -367,7 +368,7 @@ def test_ops_retrieval_finds_the_operator_and_carries_the_answer_below_chance():
     for p, c in zip(test, contexts):
         op = _operands(p)[0]
         assert f"\\{op} " in c[0] and not hl_generator.restates(c[0], p["problem"])   # the same operator, other digits
-    carried = sum(grpo.carries_answer(c, p["answer"]) for p, c in zip(test, contexts)) / len(test)
+    carried = sum(math_reward.carries_answer(c, p["answer"]) for p, c in zip(test, contexts)) / len(test)
     same_op = {op: [q["answer"] for q in train if _operands(q)[0] == op] for op in RULES}
     chance = sum(same_op[_operands(p)[0]].count(p["answer"]) / len(same_op[_operands(p)[0]]) for p in test) / len(test)
     assert carried <= chance  # a retrieved example carries x's answer no more often than a random one would
