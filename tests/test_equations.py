@@ -134,7 +134,7 @@ def test_utilization_reward_by_hand():
         "--util-reduce sum: the sequence log-ratio"
 
 
-def test_utilization_reward_prior_sees_x_without_the_context(tokenizer, monkeypatch):
+def test_utilisation_scores_the_prior_on_x_without_the_context(tokenizer, monkeypatch):
     batch = [{"problem": "What is 2 + 3?", "answer": "5"}]
     contexts = [[("What is 1 + 1?", "$\\boxed{2}$"), None]]
     seen = []
@@ -151,7 +151,7 @@ def test_utilization_reward_prior_sees_x_without_the_context(tokenizer, monkeypa
     assert u[1].item() == 0.0, "a rollout without a context gets no utilisation"
 
 # -----------------------------------------------------------------------------
-# §5.1 R_HL; §7 ICPO's bonus and ERRS
+# §5.1 R_HL, §5.2 the HL's KL to pi_SFT; §7 ICPO's bonus and ERRS
 
 
 def test_hl_reward_by_hand():
@@ -160,6 +160,21 @@ def test_hl_reward_by_hand():
     r = hl.hl_reward(torch.tensor([1.0, 0.0]), logp, mask, alpha=0.1)
     assert torch.allclose(r, torch.tensor([1.0 + 0.1 * -2.0, 0.1 * -1.0])), \
         "R_HL = R_task + alpha * (1/|y|) sum_t log p(y_t | x, c): the per-token MEAN log-prob, added (confidence)"
+
+
+def test_hl_update_kl_is_to_pi_sft_and_off_at_beta_hl_zero(tokenizer):
+    prompts, comps, r_hl = [[1, 2, 3]] * 2, [[5, 6], [7, 8, 9]], torch.tensor([1.0, 0.0])
+    cfg = type("C", (), {"beta_hl": 0.5, "scale_by_std": False, "max_context_tokens": 4, "hl_temperature": 1.0,
+                         "updates": 1, "micro_batch": 0, "clip_eps": 0.2, "loss_norm": "seq", "grad_clip": 1.0})
+    hl_model, sft_model = make_tiny_model(tokenizer, seed=1), grpo.frozen_copy(make_tiny_model(tokenizer, seed=2))
+    with torch.no_grad():
+        (lp, mask), (lp_sft, _) = (grpo.sequence_logprobs(m, prompts, comps) for m in (hl_model, sft_model))
+    stats = hl.hl_update(hl_model, sft_model, torch.optim.SGD(hl_model.parameters(), lr=0.0), prompts, comps, r_hl, cfg, 2)
+    assert stats["kl"] == pytest.approx(((grpo.k3_kl(lp, lp_sft) * mask).sum() / mask.sum()).item(), rel=1e-4), \
+        "the HL's KL is k3 of pi_theta against the frozen pi_SFT, on the context tokens"
+    cfg.beta_hl = 0.0
+    assert hl.hl_update(hl_model, sft_model, torch.optim.SGD(hl_model.parameters(), lr=0.0), prompts, comps, r_hl, cfg,
+                        2)["kl"] == 0.0, "--beta-hl 0: no KL to pi_SFT at all"
 
 
 def test_expert_bonus_anneals_linearly_to_zero():

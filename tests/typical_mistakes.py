@@ -1,0 +1,45 @@
+"""
+The typical mistakes of each equation, tried: each is written into a copy of the repository (in a temporary folder) and
+tests/test_equations.py is run on it; the line says which test caught it and with what message.
+
+    python tests/typical_mistakes.py        # ~1.5 min on 2 CPU cores; every line should read CAUGHT
+"""
+import os, re, shutil, subprocess, sys, tempfile
+SRC, DST = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."), os.path.join(tempfile.mkdtemp(), "repo")
+M = [  # (name, file, old, new)
+ ("k3 reversed, KL(p_ref || p)", "grpo.py", "    d = ref_logp - logp\n", "    d = logp - ref_logp\n"),
+ ("k1 instead of k3", "grpo.py", "    return d.exp() - d - 1\n", "    return -d\n"),
+ ("KL term subtracted", "grpo.py", "policy + beta * kl if beta", "policy - beta * kl if beta"),
+ ("ratio clipped in log space", "grpo.py", "ratio.clamp(1 - clip_eps, 1 + clip_eps) * A", "(logp - old_logp).clamp(-clip_eps, clip_eps).exp() * A"),
+ ("context leaks into the prior's prompt", "context_grpo.py", "[plain[i // cfg.group_size] for i in rows]",
+  "[encode(tokenizer, format_prompt(tokenizer, batch[i // cfg.group_size][\"problem\"], contexts[i // cfg.group_size][i % cfg.group_size])) for i in rows]"),
+ ("advantages: the batch mean", "grpo.py", "adv = r - r.mean(1, keepdim=True)", "adv = r - r.mean()"),
+ ("advantages: the sample std", "grpo.py", "r.std(1, unbiased=False, keepdim=True)", "r.std(1, unbiased=True, keepdim=True)"),
+ ("advantage sign flipped", "grpo.py", "adv = r - r.mean(1, keepdim=True)", "adv = r.mean(1, keepdim=True) - r"),
+ ("max for min in the surrogate", "grpo.py", "policy = -torch.min(ratio * A", "policy = -torch.max(ratio * A"),
+ ("surrogate maximised (no minus)", "grpo.py", "policy = -torch.min(ratio * A", "policy = torch.min(ratio * A"),
+ ("token norm over the token count", "grpo.py", "return (x * mask).sum() / (mask.shape[0] * (max_len or mask.shape[1]))", "return (x * mask).sum() / mask.sum()"),
+ ("seq norm as a token mean", "grpo.py", "return ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()", "return (x * mask).sum() / mask.sum()"),
+ ("mask drops the EOS", "grpo.py", "out[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=out.dtype), 1.0",
+  "out[i, :len(s)], mask[i, :len(s) - 1] = torch.tensor(s, dtype=out.dtype), 1.0"),
+ ("log-probs without the temperature", "grpo.py", "logits = head(h).float() / temperature", "logits = head(h).float()"),
+ ("log-probs shifted by one", "grpo.py", "hidden[:, ids.shape[1] - 1:-1][keep]", "hidden[:, ids.shape[1]:][keep]"),
+ ("utilisation not clipped", "context_grpo.py", "/ mask.sum(1).clamp(min=1)).clamp(-tau, tau)", "/ mask.sum(1).clamp(min=1))"),
+ ("utilisation prior minus context", "context_grpo.py", "d = (logp_ctx - logp_prior) * mask", "d = (logp_prior - logp_ctx) * mask"),
+ ("R_HL with the summed log-prob", "hl_generator.py", "alpha * ((ll_logprobs * mask).sum(1) / mask.sum(1).clamp(min=1))", "alpha * (ll_logprobs * mask).sum(1)"),
+ ("R_HL penalises confidence", "hl_generator.py", "return task_rewards + alpha *", "return task_rewards - alpha *"),
+ ("bonus turns negative after T", "context_grpo.py", "beta * max(0.0, 1.0 - step / max(total_steps, 1))", "beta * (1.0 - step / max(total_steps, 1))"),
+ ("ERRS accepts wrong rollouts", "context_grpo.py", "if ok and used[b] < group_size - 1", "if used[b] < group_size - 1"),
+ ("ICPO shaping with p, not p/(p+gamma)", "grpo.py", "-A * p / (p + gamma)", "-A * p"),
+]
+for name, f, old, new in M:
+    shutil.rmtree(DST, ignore_errors=True)
+    shutil.copytree(SRC, DST, ignore=shutil.ignore_patterns(".venv", ".git", "runs"))
+    text = open(os.path.join(DST, f)).read()
+    assert text.count(old) == 1, (name, text.count(old))
+    open(os.path.join(DST, f), "w").write(text.replace(old, new))
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "--no-header", "-p", "no:warnings", "tests/test_equations.py"],
+                       cwd=DST, capture_output=True, text=True)
+    failed = re.findall(r"FAILED tests/test_equations.py::(\S+)", p.stdout)
+    msg = re.findall(r"^E\s+AssertionError: (.*)$", p.stdout, re.M)
+    print(f"{name}: {'CAUGHT by ' + failed[0] if failed else 'NOT CAUGHT'}" + (f" -- {msg[0][:110]}" if msg else ""), flush=True)
