@@ -157,8 +157,8 @@ def main(cfg):
         log("eval", t, {k: v for k, v in s.items() if not isinstance(v, (dict, str))})
         grpo.write_json(os.path.join(out, "eval.json"), s)
 
-    def log(phase, t, record, k=None, steps=None):  # over ranks, into metrics.jsonl (rank 0 writes), the step's line
-        record = grpo.reduce_record(record)
+    def log(phase, t, record, k=None, steps=None):  # a step's record over ranks (an evaluation is gathered), metrics.jsonl
+        record = grpo.reduce_record(record) if k is not None else record
         grpo.log_jsonl(out, "metrics.jsonl", {"step": t + 1, "phase": phase, **{f"{phase}/{n}": v for n, v in
                                                                               record.items() if n != "step"}})
         if k is not None:

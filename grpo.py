@@ -633,8 +633,8 @@ def rollouts(model, tokenizer, batch, contexts, cfg, step, eos):
     t_sample = time.time() - t0
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     rewards, acc, boxed, wrote = score(texts, [p["answer"] for p in batch for _ in range(G)], cfg.format_bonus)
-    return dict(contexts=contexts, prompt_ids=prompt_ids, completions=completions, sampler_logp=sampler_logp,
-                texts=texts, rewards=rewards, acc=acc, boxed=boxed, wrote_box=wrote, t0=t0, t_sample=t_sample)
+    return dict(prompt_ids=prompt_ids, completions=completions, sampler_logp=sampler_logp, texts=texts, rewards=rewards,
+                acc=acc, boxed=boxed, wrote_box=wrote, t0=t0, t_sample=t_sample)
 
 
 def rollout_stats(completions, eos_ids):
