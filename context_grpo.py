@@ -35,8 +35,11 @@ def utilisation(prior, tokenizer, batch, contexts, completions, sampler_logp, cf
         lp_q, _ = sequence_logprobs(prior, [plain[i // cfg.group_size] for i in rows], [completions[i] for i in rows],
                                     cfg.temperature)
     u = utilization_reward(lp_ctx, lp_q.cpu(), mask, cfg.tau, cfg.util_reduce)
+    n = mask.sum(1).clamp(min=1)  # its two halves, per-token means: which one moved (a sharper policy or the context)
     stats = {"util": u.mean().item(), "util_std": u.std(unbiased=False).item(),
-             "util_clip": (u.abs() >= cfg.tau).float().mean().item()}
+             "util_clip": (u.abs() >= cfg.tau).float().mean().item(),
+             "util_logp_ctx": ((lp_ctx * mask).sum(1) / n).mean().item(),
+             "util_logp_q": ((lp_q.cpu() * mask).sum(1) / n).mean().item()}
     return torch.zeros(len(has)).index_copy(0, torch.tensor(rows), u), stats
 
 

@@ -104,6 +104,9 @@ def test_rollouts_without_context_get_no_utilisation(tokenizer):
     comps, logps = grpo.generate(model, prompts, 8, 1.0, seed=0)
     bonus, stats = cg.utilisation(prior, tokenizer, PROBLEMS[:2], contexts, comps, logps, cfg(lam=1.0, tau=100.0))
     assert bonus[[0, 2]].abs().min() > 1e-3 and torch.all(bonus[[1, 3, 4, 5]] == 0)
+    ctx_half = sum(sum(logps[i]) / len(logps[i]) for i in (0, 2)) / 2  # the logged halves: log p with c ...
+    assert abs(stats["util_logp_ctx"] - ctx_half) < 1e-5                        # ... and log q: U~ = their difference
+    assert abs(stats["util_logp_ctx"] - stats["util_logp_q"] - stats["util"]) < 1e-5
     bonus, stats = cg.utilisation(prior, tokenizer, PROBLEMS[:2], [[None] * 3] * 2, comps, logps, cfg(lam=1.0))
     assert torch.all(bonus == 0) and stats == {}  # experiment 1: exactly plain GRPO
 
