@@ -1,7 +1,6 @@
 """
 alternate.py: hierarchical in-context RL (DESIGN.md §6), the five experiments and every ablation: `python alternate.py
-[--exp N] [--resume DIR]`. Each round: LL steps with the HL's contexts, HL steps against the fixed LL, an evaluation.
-"""
+[--exp N] [--resume DIR]`. Each round: LL steps with the HL's contexts, HL steps against the fixed LL, an evaluation."""
 import os, time
 from dataclasses import asdict, dataclass, replace
 
@@ -14,11 +13,11 @@ from eval_math500 import evaluate, print_summary
 from grpo import arg
 
 EXPERIMENTS = {  # what --exp sets; each overridable. retrieved / random (--hl): contexts without an HL to train
-    1: dict(hl="none", context_at="none", ll_steps=2, hl_steps=0),              # GRPO, no context
+    1: dict(hl="none", context_at="none", ll_steps=4, hl_steps=0),              # GRPO, no context
     2: dict(hl="pretrained", context_at="test", ll_steps=0, hl_steps=0),        # pretrained HL, frozen LL
-    3: dict(hl="pretrained", context_at="train+test", ll_steps=2, hl_steps=1),  # pretrained HL, both trained
+    3: dict(hl="pretrained", context_at="train+test", ll_steps=4, hl_steps=1),  # pretrained HL, both trained
     4: dict(hl="sft", context_at="test", ll_steps=0, hl_steps=0),               # SFT HL, frozen LL
-    5: dict(hl="sft", context_at="train+test", ll_steps=2, hl_steps=1)}         # SFT HL, both trained: HICRL
+    5: dict(hl="sft", context_at="train+test", ll_steps=4, hl_steps=1)}         # SFT HL, both trained: HICRL
 
 
 @dataclass
@@ -45,7 +44,7 @@ class Config(grpo.Config):
     ll_answers: int = arg(1, "M: LL answers per context in the HL update", ge=1)
     alpha: float = arg(0.1, "alpha: weight of the LL's mean token log-prob in R_HL (0 = task only)", ge=0)
     beta_hl: float = arg(0.04, "beta_HL: k3 KL to the frozen pi_SFT (0 = none)", ge=0)
-    hl_temperature: float = arg(1.0, "HL sampling temperature in training (0 = 1; evaluation is greedy)", ge=0)
+    hl_temperature: float = arg(0.7, "HL sampling temperature in training (0 = 1; evaluation is greedy)", ge=0)
     self_threshold: float = arg(0.9, "leakage guard: an example restating x (cosine >= this) is none", gt=0, le=1)
     exp: int = arg(5, "experiment 1-5, the defaults of EXPERIMENTS in alternate.py", choices=[1, 2, 3, 4, 5])
     hl: str = arg("", "contexts: from an HL, none, or retrieved / random ('' = --exp's)",
@@ -61,11 +60,13 @@ class Config(grpo.Config):
     ll_init: str = arg("", "phi_0, a trained LL: OUT/ckpt/ll of alternate.py, OUT/ckpt/policy of grpo.py (default: --model)")
     hl_lr: float = arg(1e-5, "HL learning rate", gt=0)
     eval_data: str = arg("", "held-out problems (default: --data's test split, else math500); removed from training")
-    eval_limit: int = arg(16, "evaluate on the first N held-out problems (0 = all)", ge=0)
-    eval_every: int = arg(1, "evaluate every N rounds (and after the last)", ge=1)
+    eval_limit: int = arg(64, "evaluate on the first N held-out problems (0 = all)", ge=0)
+    eval_every: int = arg(2, "evaluate every N rounds (and after the last)", ge=1)
     eval_max_new_tokens: int = arg(0, "LL budget at evaluation (0 = --max-new-tokens)", ge=0)
     group_size: int = arg(4, "G: LL rollouts per problem, each with its own context", ge=2)
     max_new_tokens: int = arg(48, "LL completion budget", ge=1)
+    temperature: float = arg(0.7, "LL sampling temperature (0 = greedy); log-probs use the same T", ge=0)
+    lr: float = arg(3e-5, "LL learning rate (AdamW); the MATH commands use 1e-5", gt=0)
 
     def check(self):
         """Contradictory flags, once --exp has filled in its defaults: one message before anything loads."""
@@ -91,8 +92,8 @@ def experiment_defaults(cfg):
 
 def changed_flags(cfg):
     """The flags that differ from the defaults of cfg's experiment, "name=value, ..." (the report's flags column)."""
-    base = {**asdict(Config()), **experiment_defaults(Config(exp=cfg.exp))}
-    base["eval_data"] = grpo.HELDOUT.get(cfg.data, "math500")
+    base = {**asdict(Config()), **experiment_defaults(Config(exp=cfg.exp)),
+            "eval_data": grpo.HELDOUT.get(cfg.data, "math500")}
     skip = {"out", "resume", "overwrite", "device", "exp", *Config.HIDDEN}
     return ", ".join(f"{k}={v}" for k, v in asdict(cfg).items() if k not in skip and base.get(k) != v)
 
@@ -183,20 +184,18 @@ def main(cfg):
             record = (joint_step(ll, ref, prior, hl, sft_model, opts, tok, batch, cfg, idx, eos) if cfg.joint else
                       context_grpo.ll_round_step(ll, ref, prior, opts["ll"], tok, batch, ctx, cfg, idx, eos)[0])
             log("ll", t, {**record, **stats}, k, cfg.ll_steps)
-        for k in range(cfg.hl_steps):  # 2. the HL phase, the LL fixed
-            idx = t * cfg.hl_steps + k
+        for idx in range(t * cfg.hl_steps, (t + 1) * cfg.hl_steps):  # 2. the HL phase, the LL fixed
             log("hl", t, hl_generator.hl_step(hl, sft_model, ll, opts["hl"], tok, draw(idx, cfg.seed + 1), cfg, idx, eos),
-                k, cfg.hl_steps)
+                idx - t * cfg.hl_steps, cfg.hl_steps)
         if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds:  # 3. evaluate, 4. checkpoint
             run_eval(t)
         grpo.save_checkpoint(out, t + 1, models, opts, tok)
-    evals = [r for r in grpo.read_jsonl(os.path.join(out, "metrics.jsonl")) if r["phase"] == "eval"]
-    first, last = evals[0], evals[-1]
-    print(f"before/after: accuracy {first['eval/acc']:.3f} at round 0 -> {last['eval/acc']:.3f} after round {last['step']} "
-          f"[{last['eval/ci_low']:.3f}, {last['eval/ci_high']:.3f}] on {last['eval/n']} problems" +
-          (f"; contexts that carried the answer: {last['eval/ctx_has_answer']:.2f}" if test_ctx else "") +
-          f"; {(time.time() - t_start) / 60:.1f} min, logs in {out}")
-
+    e = [r for r in grpo.read_jsonl(os.path.join(out, "metrics.jsonl")) if r["phase"] == "eval"]  # round 0, ..., the last
+    acc = lambda r: f"{r['eval/acc']:.3f} [{r['eval/ci_low']:.3f}, {r['eval/ci_high']:.3f}]"  # with its 95% interval
+    print(f"before/after: accuracy {acc(e[0])} at round 0 -> {acc(e[-1])} after round {e[-1]['step']} on {e[-1]['eval/n']} "
+          "problems: " + ("a gain, the intervals apart" if e[-1]["eval/ci_low"] > e[0]["eval/ci_high"] else "the intervals "
+          "overlap, no gain shown") + (f"; contexts that carried the answer: {e[-1]['eval/ctx_has_answer']:.2f}" if test_ctx
+                                       else "") + f"; {(time.time() - t_start) / 60:.1f} min, logs in {out}")
 
 if __name__ == "__main__":
     main(grpo.parse_config(Config))

@@ -130,7 +130,7 @@ def test_a_frozen_ll_experiment_refuses_ll_steps(exp):
 
 @pytest.mark.parametrize("argv, flags", [
     ([], ""),                                                   # steps, eval_data, context: derived, not flags
-    (["--ll-steps", "4", "--seed", "1"], "seed=1, ll_steps=4"),  # not steps=8
+    (["--ll-steps", "3", "--seed", "1"], "seed=1, ll_steps=3"),  # not steps=6
     (["--data", "x.jsonl"], "data=x.jsonl"),                     # not eval_data=math500, its default
     (["--eval-data", "x.jsonl"], "eval_data=x.jsonl"),
     (["--exp", "4", "--lam", "0"], "lam=0.0"),
