@@ -193,9 +193,10 @@ def main(cfg):
     e = [r for r in grpo.read_jsonl(os.path.join(out, "metrics.jsonl")) if r["phase"] == "eval"]  # round 0, ..., the last
     acc = lambda r: f"{r['eval/acc']:.3f} [{r['eval/ci_low']:.3f}, {r['eval/ci_high']:.3f}]"  # with its 95% interval
     print(f"before/after: accuracy {acc(e[0])} at round 0 -> {acc(e[-1])} after round {e[-1]['step']} on {e[-1]['eval/n']} "
-          "problems: " + ("a gain, the intervals apart" if e[-1]["eval/ci_low"] > e[0]["eval/ci_high"] else "the intervals "
-          "overlap, no gain shown") + (f"; contexts that carried the answer: {e[-1]['eval/ctx_has_answer']:.2f}" if test_ctx
-                                       else "") + f"; {(time.time() - t_start) / 60:.1f} min, logs in {out}")
+          f"problems: {'a gain: intervals apart' if e[-1]['eval/ci_low'] > e[0]['eval/ci_high'] else 'intervals overlap'}"
+          + (f"; contexts that carried the answer: {e[-1]['eval/ctx_has_answer']:.2f}" if test_ctx else "")
+          + f"; {(time.time() - t_start) / 60:.1f} min, logs in {out}")
+
 
 if __name__ == "__main__":
     main(grpo.parse_config(Config))

@@ -48,6 +48,11 @@ def test_experiment_runs_end_to_end(exp, tiny_model_dir, tmp_path):
         assert 0.0 <= evals[-1]["eval/parse_rate"] <= 1.0
     assert f"experiment {exp}" in out
     assert ("before/after: accuracy" in out) == (exp in (1, 3, 5))  # the line a newcomer reads at the end
+    if exp in (1, 3, 5):  # ... with both intervals and what they show
+        line = next(l for l in out.splitlines() if l.startswith("before/after"))
+        low, high = evals[-1]["eval/ci_low"], evals[0]["eval/ci_high"]
+        assert f"{high:.3f}]" in line and f"[{low:.3f}" in line
+        assert ("a gain: intervals apart" if low > high else "intervals overlap") in line
 
 
 def test_resume_continues_the_run(tiny_model_dir, tmp_path):
