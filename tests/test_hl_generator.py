@@ -109,14 +109,14 @@ def test_sft_pairs_on_the_real_files():
         assert by_text[hl.normalize_text(xp)]["subject"] == x["subject"]  # same subject
     assert elapsed < 60, f"D_SFT took {elapsed:.0f}s"  # seconds, not minutes (generous bound for slow CI)
 
-def test_the_units_task_files_load_are_disjoint_and_retrieve_the_same_unit(tmp_path):
-    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "units_task.py"), str(tmp_path)], check=True)
+def test_the_verbs_task_files_load_are_disjoint_and_retrieve_the_same_verb(tmp_path):
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "verbs_task.py"), str(tmp_path)], check=True)
     train, test = grpo.load_problems(str(tmp_path / "train.jsonl")), grpo.load_problems(str(tmp_path / "test.jsonl"))
     assert len(train) == 600 and len(test) == 48 and not {p["problem"] for p in train} & {p["problem"] for p in test}
-    for p in train + test:  # the answer is the count times the unit's factor, and the solution says so
-        n, factor = int(p["problem"].split()[5]), int(p["solution"].split()[3])
-        assert p["answer"] == str(n * factor) and hl.extract_boxed(p["solution"]) == p["answer"]
-    for x, (xp, yp) in zip(test, hl.retrieve(test, train)):  # an example of x's unit, never x itself
+    for p in train + test:  # the answer is the number plus the verb's addend, and the solution says so
+        n, add = int(p["problem"].split()[1]), int(p["solution"].split()[5].rstrip(":"))
+        assert p["answer"] == str(n + add) and hl.extract_boxed(p["solution"]) == p["answer"]
+    for x, (xp, yp) in zip(test, hl.retrieve(test, train)):  # an example of x's verb, never x itself
         assert xp.split()[-1] == x["problem"].split()[-1] and xp != x["problem"]
 
 
