@@ -17,7 +17,7 @@ from conftest import MATH500
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TINY = ["--batch-problems", "1", "--group-size", "2", "--hl-group", "2", "--max-new-tokens", "6",
         "--max-context-tokens", "48", "--sft-steps", "2", "--sft-batch", "2", "--eval-limit", "3", "--limit", "30",
-        "--rounds", "1", "--device", "cpu", "--micro-batch", "4"]
+        "--rounds", "1", "--device", "cpu", "--micro-batch", "4", "--eval-every", "1"]
 
 
 def alternate(args, cwd):

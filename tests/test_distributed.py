@@ -131,7 +131,7 @@ def test_torchrun_batch_must_divide_by_the_world_size(tiny_model_dir, tmp_path):
 
 def test_alternate_exp5_under_torchrun_trains_evaluates_and_resumes(tiny_model_dir, tmp_path):
     from test_alternate import TINY
-    args = ["--exp", "5", "--model", tiny_model_dir, "--out", "a"] + TINY
+    args = ["--exp", "5", "--model", tiny_model_dir, "--out", "a", "--ll-steps", "2"] + TINY
     args[args.index("--batch-problems") + 1] = "2"  # one problem per rank; SFT: one pair per rank
     proc = torchrun(args, tmp_path, script="alternate.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
