@@ -134,7 +134,7 @@ def main(cfg):
                                                 "--sft-batch": cfg.sft_batch if cfg.hl == "sft" and not cfg.hl_init else 0})
     out, t_start, hl_free = grpo.start_run(cfg), time.time(), cfg.hl in ("retrieved", "random")
     test_ctx, train_ctx = cfg.hl != "none" and cfg.context_at != "none", cfg.hl != "none" and cfg.context_at == "train+test"
-    print(f"HICRL experiment {cfg.exp} on {device}: {changed_flags(cfg) or 'the default, ~5 min on 2 CPU cores'}")
+    print(f"HICRL experiment {cfg.exp} on {device}: {changed_flags(cfg) or 'the default, ~7 min on 2 CPU cores'}")
     ll, tok = grpo.load_model(cfg.ll_init or cfg.model, device, trainable=True, precision=cfg.precision,
                               grad_ckpt=cfg.grad_ckpt, flag="--ll-init" if cfg.ll_init else "--model")
     ref, prior = context_grpo.make_prior(ll, cfg)  # p_ref = q = frozen phi_0, copied before a resume loads phi_t
