@@ -109,6 +109,7 @@ def test_sft_pairs_on_the_real_files():
         assert by_text[hl.normalize_text(xp)]["subject"] == x["subject"]  # same subject
     assert elapsed < 60, f"D_SFT took {elapsed:.0f}s"  # seconds, not minutes (generous bound for slow CI)
 
+
 def test_the_verbs_task_files_load_are_disjoint_and_retrieve_the_same_verb(tmp_path):
     subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "verbs_task.py"), str(tmp_path)], check=True)
     train, test = grpo.load_problems(str(tmp_path / "train.jsonl")), grpo.load_problems(str(tmp_path / "test.jsonl"))
