@@ -32,14 +32,13 @@ def utilisation(prior, tokenizer, batch, contexts, completions, sampler_logp, cf
     plain = [encode(tokenizer, format_prompt(tokenizer, p["problem"])) for p in batch]  # x without c
     lp_ctx, mask = pad_completions([sampler_logp[i] for i in rows], value=0.0)
     with torch.no_grad():
-        lp_q, _ = sequence_logprobs(prior, [plain[i // cfg.group_size] for i in rows], [completions[i] for i in rows],
-                                    cfg.temperature)
-    u = utilization_reward(lp_ctx, lp_q.cpu(), mask, cfg.tau, cfg.util_reduce)
-    n = mask.sum(1).clamp(min=1)  # its two halves, per-token means: which one moved (a sharper policy or the context)
+        lp_q = sequence_logprobs(prior, [plain[i // cfg.group_size] for i in rows], [completions[i] for i in rows],
+                                 cfg.temperature)[0].cpu()
+    u = utilization_reward(lp_ctx, lp_q, mask, cfg.tau, cfg.util_reduce)
     stats = {"util": u.mean().item(), "util_std": u.std(unbiased=False).item(),
-             "util_clip": (u.abs() >= cfg.tau).float().mean().item(),
-             "util_logp_ctx": ((lp_ctx * mask).sum(1) / n).mean().item(),
-             "util_logp_q": ((lp_q.cpu() * mask).sum(1) / n).mean().item()}
+             "util_clip": (u.abs() >= cfg.tau).float().mean().item(),  # and its two halves, per-token means:
+             "util_logp_ctx": grpo.masked_mean(lp_ctx, mask).item(),     # which one moved (the context, or a sharper
+             "util_logp_q": grpo.masked_mean(lp_q, mask).item()}         # policy, or drift from q)
     return torch.zeros(len(has)).index_copy(0, torch.tensor(rows), u), stats
 
 
