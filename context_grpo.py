@@ -9,7 +9,7 @@ import torch
 
 import grpo
 from grpo import encode, fit_contexts, format_context, format_prompt, pad_completions, policy_update, sequence_logprobs
-from math_reward import carries_answer
+from math_reward import carries_answer, right_operator_rate
 
 # §4: the utilisation reward ------------------------------------------------------------------------------------------
 
@@ -62,7 +62,8 @@ def ll_step(model, ref_model, prior, optimizer, tokenizer, batch, contexts, cfg,
                   acc_ctx=roll["acc"][has].mean().item() if has.any() else float("nan"),
                   ctx_len=(sum(len(encode(tokenizer, format_context(c))) for c in given) / len(given)) if given else 0.0,
                   ctx_frac=len(given) / (len(batch) * cfg.group_size), ctx_dropped=dropped,
-                  ctx_has_answer=sum(leaks) / len(leaks) if leaks else float("nan"))
+                  ctx_has_answer=sum(leaks) / len(leaks) if leaks else float("nan"),
+                  ctx_right_op=right_operator_rate(batch, contexts))                # the ops tasks' context quality
     return record, {**roll, "rewards": rewards}
 
 
@@ -75,7 +76,7 @@ def ll_round_step(model, ref_model, prior, optimizer, tokenizer, batch, contexts
 
 def print_record(prefix, r, total):  # one line per step; a rate that is NaN (nothing to count) is left out
     extra = "".join(f" {k} {r[k]:.3f}" for k in ("util", "util_clip", "accepted", "demo_missing", "parse_rate",
-                                                  "ctx_self", "ctx_has_answer") if k in r and r[k] == r[k])
+                                                  "ctx_self", "ctx_has_answer", "ctx_right_op") if k in r and r[k] == r[k])
     print(f"{prefix} {r['step']}/{total} | reward {r['reward']:.3f} acc {r['acc']:.3f} boxed {r['boxed']:.2f}"
           f"{extra} | len {r['len']:.0f} fin {r['finished']:.2f} | zero-var {r['zero_var']:.2f} | kl {r['kl']:.4f} "
           f"clip {r['clip_frac']:.3f} | loss {r['loss']:+.4f} gnorm {r['grad_norm']:.2f} | {r['time']:.1f}s")

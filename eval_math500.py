@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import grpo
 from grpo import arg, encode, format_context, format_prompt, generate, stream_seed
 from hl_generator import generate_contexts, parse_context
-from math_reward import carries_answer, extract_boxed, reward
+from math_reward import carries_answer, extract_boxed, reward, right_operator
 
 # the intervals (README deviation 12) ---------------------------------------------------------------------------------
 
@@ -58,6 +58,7 @@ def evaluate(ll_model, tokenizer, problems, eos, hl_model=None, temperature=0.0,
                             "problem": p["problem"], "answer": p["answer"], "hl_output": hl_text,
                             "context": format_context(c) if c else None, "context_parsed": c is not None or restated,
                             "ctx_self": restated, "ctx_has_answer": carries_answer(c, p["answer"]),
+                            "ctx_right_op": right_operator(p["problem"], c),
                             "response": text, "extracted": extract_boxed(text), "score": reward(text, p["answer"])})
         log(f"eval {len(records)}/{len(problems)} | acc so far {sum(r['score'] for r in records) / len(records):.3f}")
     records = grpo.gather(records)
@@ -67,19 +68,17 @@ def evaluate(ll_model, tokenizer, problems, eos, hl_model=None, temperature=0.0,
     right, n = sum(r["score"] for r in records), len(records)
     s = {"acc": right / max(n, 1), **dict(zip(("ci_low", "ci_high"), wilson_interval(right, n))), "n": n,
          "seconds": time.time() - t0, "context": source}
-    for key in ("level", "subject"):
-        groups = {}
-        for r in records:
-            groups.setdefault(str(r.get(key)), []).append(r["score"])
-        s["by_" + key] = {g: {"acc": sum(v) / len(v), "n": len(v)} for g, v in sorted(groups.items())}
-    shown = {"hl": ("context_parsed", "ctx_self", "ctx_has_answer"), "given": ("ctx_has_answer",)}.get(source, ())
-    return {**s, **{name: sum(r[key] for r in records) / max(n, 1) if key in shown else None for key, name in (
-        ("context_parsed", "parse_rate"), ("ctx_self", "ctx_self"), ("ctx_has_answer", "ctx_has_answer"))}}
+    for key in ("level", "subject"):  # the accuracy per level, per subject
+        s["by_" + key] = {g: {"acc": sum(v) / len(v), "n": len(v)} for g in sorted({str(r.get(key)) for r in records})
+                          for v in [[r["score"] for r in records if str(r.get(key)) == g]]}
+    shown = ("context_parsed", "ctx_self") * (source == "hl") + ("ctx_has_answer", "ctx_right_op") * (source != "none")
+    rate = lambda k: sum(r[k] for r in records) / max(n, 1) if k in shown and None not in {r[k] for r in records} else None
+    return dict(s, parse_rate=rate("context_parsed"), **{k: rate(k) for k in ("ctx_self", "ctx_has_answer", "ctx_right_op")})
 
 
 def print_summary(s, log=print):
-    rates = ", ".join(f"{w} {s[k]:.2f}" for k, w in (("parse_rate", "HL parse rate"), ("ctx_self", "restated x"),
-                                                    ("ctx_has_answer", "carried the answer")) if s.get(k) is not None)
+    rates = ", ".join(f"{w} {s[k]:.2f}" for k, w in (("parse_rate", "HL parse rate"), ("ctx_self", "restated x"), (
+        "ctx_has_answer", "carried the answer"), ("ctx_right_op", "right operator")) if s.get(k) is not None)
     log(f"accuracy {s['acc']:.3f}  95% CI [{s['ci_low']:.3f}, {s['ci_high']:.3f}]  n = {s['n']} problems"
         + (f"  | {rates}" if rates else ""))
     for table in ("by_level", "by_subject"):
@@ -111,12 +110,12 @@ def report(folders, log=print):
     experiment over its seeds: the mean accuracy, the spread and the t-interval over seeds."""
     fmt, groups, runs = lambda v, spec=".2f": "-" if v is None else format(v, spec), {}, _runs(folders, log)
     log("| run | exp | flags | acc, round 0 | acc, final (95% CI) | n | HL parse rate | HL restated x | context carried "
-        "the answer | rounds | wall-clock |\n|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
+        "the answer | right operator | rounds | wall-clock |\n|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, ev, metrics in runs:
         first = next((r["eval/acc"] for r in metrics if r.get("phase") == "eval"), None)
         cells = [name, ev.get("exp", "-"), ev.get("flags") or "-", fmt(first, ".3f"),
                  f"{ev['acc']:.3f} [{ev['ci_low']:.3f}, {ev['ci_high']:.3f}]", ev["n"],
-                 *(fmt(ev.get(k)) for k in ("parse_rate", "ctx_self", "ctx_has_answer")),
+                 *(fmt(ev.get(k)) for k in ("parse_rate", "ctx_self", "ctx_has_answer", "ctx_right_op")),
                  ev.get("rounds", "-"), f"{ev.get('wall_clock', 0) / 60:.1f} min"]
         log("| " + " | ".join(map(str, cells)) + " |")
         groups.setdefault(_experiment(ev), []).append(ev["acc"])
@@ -129,7 +128,7 @@ def report(folders, log=print):
 
 
 def plot(folders, out_png, log=print):
-    """Learning curves, a panel per experiment, a colour per seed: the held-out accuracy at each evaluation."""
+    """Learning curves, a panel per experiment, a colour per seed: held-out accuracy (o-), right-operator rate (x--)."""
     os.environ.setdefault("MPLBACKEND", "Agg")  # files only, no display
     try:
         import matplotlib.pyplot as plt
@@ -142,8 +141,10 @@ def plot(folders, out_png, log=print):
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.4), squeeze=False, sharey=True, layout="tight")
     for ax, ((exp, flags), runs) in zip(axes.flat, sorted(panels.items(), key=str)):
         for name, metrics in runs:
-            evals = [(r["step"], r["eval/acc"]) for r in metrics if r.get("phase") == "eval"]
-            ax.plot([e[0] for e in evals], [e[1] for e in evals], "o-", label=name)
+            evals = [r for r in metrics if r.get("phase") == "eval"]
+            line, = ax.plot([r["step"] for r in evals], [r["eval/acc"] for r in evals], "o-", label=name)
+            if None not in (ops := [r.get("eval/ctx_right_op") for r in evals]):  # the ops tasks' contexts
+                ax.plot([r["step"] for r in evals], ops, "x--", color=line.get_color())
         ax.set(title=textwrap.fill(f"exp {exp}, {flags}", 40), xlabel="round", ylabel="accuracy", ylim=(-0.02, 1.02))
         ax.legend(fontsize=6)
     fig.savefig(out_png, dpi=110)

@@ -79,23 +79,23 @@ def _autocast(model):  # bf16 autocast for a model with fp32 weights under --pre
 OPS = {"\\star": ("{a} + {b}", lambda a, b: a + b), "\\diamond": ("{a} \\times {b}", lambda a, b: a * b),
        "\\bullet": ("{a} - {b}", lambda a, b: a - b), "\\heartsuit": ("{b} - {a}", lambda a, b: b - a)}
 OPS_HELDOUT = sorted(random.Random(54321).sample([(a, b) for a in range(1, 10) for b in range(a + 1, 10)], 26))
-BUILTIN, HELDOUT = {"ops": "train", "ops-test": "test"}, {"ops": "ops-test"}  # HELDOUT: a task's test split
-HUB_DATA = {"math500": ("HuggingFaceH4/MATH-500", "test.jsonl")}
+BUILTIN = {"ops": ("train", 0), "ops-test": ("test", 0), "ops-mix": ("train", 1), "ops-mix-test": ("test", 1)}
+HELDOUT, HUB_DATA = {"ops": "ops-test", "ops-mix": "ops-mix-test"}, {"math500": ("HuggingFaceH4/MATH-500", "test.jsonl")}
 
 
-def ops_problems(n, seed=0, split="train"):
-    """The built-in task "Compute $3 \\star 5$.": made-up operators (OPS) that only an example (or RL) reveals. ops-test:
-    4 x 52 ordered pairs of OPS_HELDOUT; ops: n draws from the other 80 problems (no a op b nor b op a of a test pair)."""
-    rng = random.Random(seed)
-    pairs = [(a, b) for a in range(1, 10) for b in range(1, 10) if a != b]
-    held = [(a, b) for a, b in pairs if (min(a, b), max(a, b)) in OPS_HELDOUT]
-    items = [(op, a, b) for op in OPS for a, b in (held if split == "test" else [p for p in pairs if p not in held])]
+def ops_problems(n, seed=0, split="train", mix=False):
+    """The built-in task "Compute $3 \\star 5$.": made-up operators (OPS) that only an example (or RL) reveals. test: the
+    pairs of OPS_HELDOUT (both orders) with all 4 operators, or (mix) with the i-th pair's 2; train: n draws of the rest."""
+    rng, pairs = random.Random(seed), [(a, b) for a in range(1, 10) for b in range(1, 10) if a != b]
+    held = {(op, a, b) for a, b in pairs for i, p in enumerate(OPS_HELDOUT) if p == (min(a, b), max(a, b))
+            for op in ((list(OPS) * 2)[i % 4:i % 4 + 2] if mix else OPS)}  # mix: the nearest example may mislead
+    items = [(op, a, b) for op in OPS for a, b in pairs if ((op, a, b) in held) == (split == "test")]
     if split == "train":
         items = [rng.choice(items) for _ in range(n)]
     else:
         rng.shuffle(items)
     rows = [(op, a, b, OPS[op][0].format(a=a, b=b), str(OPS[op][1](a, b))) for op, a, b in items[:n]]
-    return [{"problem": f"Compute ${a} {op} {b}$.", "answer": y, "subject": f"Operator {op}",
+    return [{"problem": f"Compute ${a} {op} {b}$.", "answer": y, "subject": "Operators" if mix else f"Operator {op}",
              "solution": f"${a} {op} {b} = {rule} = {y}$, so the answer is $\\boxed{{{y}}}$.",
              "unique_id": f"ops/{op[1:]}/{a},{b}"} for op, a, b, rule, y in rows]
 
@@ -104,7 +104,7 @@ def load_problems(path_or_name, limit=None, seed=0, sample=False):
     """Dicts with `problem`, `answer` (else solution's last box) and more; limit: the first N, or N drawn by the seed."""
     path, rows = path_or_name, []
     if path in BUILTIN:
-        return ops_problems(limit or 1000, seed, BUILTIN[path])
+        return ops_problems(limit or 1000, seed, *BUILTIN[path])
     if not os.path.exists(path) and path in HUB_DATA:
         from huggingface_hub import hf_hub_download  # offline, it says so; pass a local JSONL path instead
         path = hf_hub_download(*HUB_DATA[path], repo_type="dataset")

@@ -10,7 +10,7 @@ import torch
 
 import grpo
 from grpo import encode, format_context, generate, group_advantages, sequence_logprobs, stream_seed
-from math_reward import extract_boxed
+from math_reward import extract_boxed, right_operator_rate
 
 # §5.3: TF-IDF neighbours, the leakage guard, D_SFT -------------------------------------------------------------------
 
@@ -243,8 +243,8 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
     r_hl = hl_reward(r_task, *grpo.pad_completions(answer_logp, value=0.0), cfg.alpha).view(-1, M).mean(1)  # (B*G,)
     stats = hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, cfg, G)
     record = {"step": step + 1, "reward": r_hl.mean().item(), "acc": acc.mean().item(), "boxed": boxed.mean().item(),
-              **ctx_stats, "ctx_len": sum(map(len, hl_completions)) / len(hl_completions), "ctx_dropped": dropped,
-              **grpo.rollout_stats(answers, eos), "prompt_len": sum(map(len, per_context)) / len(per_context),
-              "zero_var": grpo.zero_variance_fraction(r_hl, G), **stats, "peak_mem_gb": grpo.peak_memory_gb(),
-              "time": time.time() - t0}
+              **ctx_stats, "ctx_right_op": right_operator_rate(batch, contexts), "ctx_dropped": dropped,
+              "ctx_len": sum(map(len, hl_completions)) / len(hl_completions), **grpo.rollout_stats(answers, eos),
+              "prompt_len": sum(map(len, per_context)) / len(per_context), "zero_var": grpo.zero_variance_fraction(r_hl, G),
+              **stats, "peak_mem_gb": grpo.peak_memory_gb(), "time": time.time() - t0}
     return record

@@ -442,6 +442,21 @@ def carries_answer(context, answer):
     return context is not None and is_equiv(extract_boxed(context[1]) or "", answer)
 
 
+_OPS_X = re.compile(r"Compute \$\d+ (\\[a-z]+) \d+\$")  # a problem of the built-in ops tasks, and its operator
+
+
+def right_operator(problem, context):
+    """On the ops tasks: does the context (x', y') use x's operator (no context: False)? None on any other problem."""
+    op = _OPS_X.search(problem)
+    return None if op is None else context is not None and re.findall(r"\\[a-z]+", context[0])[:1] == [op.group(1)]
+
+
+def right_operator_rate(problems, contexts):
+    """The contexts' quality on the ops tasks: the fraction of them (a list per problem) with x's operator; else NaN."""
+    flags = [right_operator(p["problem"], c) for p, cs in zip(problems, contexts) for c in cs]
+    return sum(flags) / len(flags) if flags and None not in flags else float("nan")
+
+
 def reward(response, gold):
     """R_task(x, y): 1.0 when the last boxed answer of the response equals gold, else 0.0."""
     pred = extract_boxed(response)

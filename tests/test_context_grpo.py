@@ -63,6 +63,16 @@ def test_lambda_zero_logs_the_utilisation_it_does_not_reward(tokenizer):
     _, roll_plain = grpo.grpo_step(m2, r2, o2, tokenizer, PROBLEMS[:2], cfg(lam=0.0), 0, eos, contexts)
     assert torch.equal(roll["rewards"], roll_plain["rewards"])  # not rewarded ...
     assert "util" in rec and rec["util"] == rec["util"]          # ... but measured (a number, not NaN)
+    assert rec["ctx_right_op"] != rec["ctx_right_op"]            # no ops problem: no right-operator rate (NaN)
+
+
+def test_ll_step_logs_the_right_operator_rate_of_its_contexts(tokenizer):
+    x = [{"problem": "Compute $3 \\star 5$.", "answer": "8"}, {"problem": "Compute $2 \\bullet 7$.", "answer": "-5"}]
+    right, wrong = ("Compute $1 \\star 2$.", "$\\boxed{3}$"), ("Compute $2 \\diamond 7$.", "$\\boxed{14}$")
+    m, r, o = setup(tokenizer)
+    rec, _ = cg.ll_step(m, r, None, o, tokenizer, x, [[right, right, wrong], [wrong, None, wrong]], cfg(lam=0.0), 0,
+                        [tokenizer.eos_token_id])
+    assert rec["ctx_right_op"] == pytest.approx(2 / 6)
 
 
 def test_utilization_matches_hand_computation(tiny_model, tokenizer):

@@ -64,13 +64,13 @@ def test_evaluate_records_and_verdicts(tokenizer, tmp_path, monkeypatch):
     rows = [json.loads(l) for l in open(tmp_path / "e.jsonl")]
     assert [r["unique_id"] for r in rows] == [p["unique_id"] for p in problems]
     assert set(rows[0]) == {"unique_id", "level", "subject", "problem", "answer", "hl_output", "context",
-                            "context_parsed", "ctx_self", "ctx_has_answer", "response", "extracted", "score"}
+                            "context_parsed", "ctx_self", "ctx_has_answer", "ctx_right_op", "response", "extracted", "score"}
     # batches of 4 and 2 problems: right at rows 0 and 2 of each
     assert [r["score"] for r in rows] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
     assert rows[0]["extracted"] == problems[0]["answer"] and rows[1]["extracted"] == "x"
     assert (s["acc"], s["n"], s["context"]) == (0.5, 6, "none")
     assert (s["ci_low"], s["ci_high"]) == pytest.approx(eval_math500.wilson_interval(3, 6))
-    assert s["parse_rate"] is None and s["ctx_self"] is None and s["ctx_has_answer"] is None
+    assert s["parse_rate"] is None and s["ctx_self"] is None and s["ctx_has_answer"] is None and s["ctx_right_op"] is None
     by = {}
     for r in rows:
         by.setdefault(r["subject"], []).append(r["score"])
@@ -99,6 +99,7 @@ def test_evaluate_with_a_stub_hl(tiny_model, tokenizer, tmp_path, monkeypatch):
     assert [r["ctx_has_answer"] for r in rows] == [r["context"] is not None and r["answer"] == "2" for r in rows]
     assert s["context"] == "hl" and s["parse_rate"] == pytest.approx(4 / 5) and s["ctx_self"] == pytest.approx(1 / 5)
     assert s["ctx_has_answer"] == pytest.approx(sum(r["ctx_has_answer"] for r in rows) / 5)
+    assert s["ctx_right_op"] == 0.0  # "What is 1 + 1?" is no example of an ops operator
 
 
 def test_evaluate_with_retrieved_contexts(tiny_model, tokenizer, tmp_path, monkeypatch):
@@ -219,3 +220,16 @@ def test_command_line_evaluates_and_reports(tiny_model_dir, tmp_path):
     fake_run(tmp_path / "r1", 1, "lam=0.0", [1, 0])
     out = script(["--report", str(tmp_path / "r1"), str(tmp_path / "missing")], tmp_path)
     assert "| r1 | 1 | lam=0.0 |" in out and "skipped" in out
+
+
+def test_evaluate_counts_contexts_of_the_right_operator(tiny_model, tokenizer, tmp_path):
+    problems = grpo.load_problems("ops-mix-test", limit=4)
+    op = lambda text: text.split()[2]  # "Compute $3 \\star 5$." -> "\\star"
+    other = {"\\star": "\\diamond", "\\diamond": "\\star", "\\bullet": "\\star", "\\heartsuit": "\\star"}
+    ops = [op(p["problem"]) for p in problems]
+    contexts = [(f"Compute $1 {ops[0]} 2$.", ""), (f"Compute $1 {other[ops[1]]} 2$.", ""), None,
+                (f"Compute $9 {ops[3]} 8$.", "")]
+    s = eval_math500.evaluate(tiny_model, tokenizer, problems, [tokenizer.eos_token_id], max_new_tokens=2,
+                              batch_size=4, out_file=str(tmp_path / "r.jsonl"), contexts=contexts, **QUIET)
+    assert [json.loads(l)["ctx_right_op"] for l in open(tmp_path / "r.jsonl")] == [True, False, False, True]
+    assert s["ctx_right_op"] == 0.5 and s["parse_rate"] is None

@@ -361,6 +361,26 @@ def test_ops_task_is_seeded_disjoint_and_correct_by_construction():
         assert reward(p["solution"], p["answer"]) == 1.0 and reward(f"\\boxed{{{RULES[op](a, b) + 1}}}", p["answer"]) == 0.0
 
 
+def test_ops_mix_holds_out_operator_pairs_so_the_nearest_example_can_mislead():
+    train, test = grpo.load_problems("ops-mix", seed=0), grpo.load_problems("ops-mix-test")
+    key = lambda p: (_operands(p)[0], *sorted(_operands(p)[1:]))  # noqa: E731  (operator, unordered pair)
+    assert len(test) == len({p["problem"] for p in test}) == 104 and not {key(p) for p in train} & {key(p) for p in test}
+    for p in test:  # each test pair is trained on with the other 2 operators only
+        pair, op = sorted(_operands(p)[1:]), _operands(p)[0]
+        with_pair = {_operands(q)[0] for q in grpo.load_problems("ops-mix-test") if sorted(_operands(q)[1:]) == pair}
+        assert op in with_pair and len(with_pair) == 2
+        assert {_operands(q)[0] for q in train if sorted(_operands(q)[1:]) == pair} == set(RULES) - with_pair
+    for p in train[:100] + test:
+        op, a, b = _operands(p)
+        assert p["answer"] == str(RULES[op](a, b)) and p["subject"] == "Operators"
+    same = lambda pairs: sum(_operands({"problem": c[0]})[0] == _operands(x)[0] for x, c in pairs) / len(pairs)  # noqa
+    for task in ("ops", "ops-mix"):  # the share of D_SFT pairs and retrieved examples with x's operator (README)
+        train, test = grpo.load_problems(task, seed=0), grpo.load_problems(task + "-test")
+        sft = same(hl_generator.build_sft_pairs(train, test))
+        retrieved = same([*zip(test, hl_generator.retrieve(test, train))])
+        assert (sft, retrieved) == (1.0, 1.0) if task == "ops" else 0.2 <= min(sft, retrieved) <= max(sft, retrieved) <= 0.6
+
+
 def test_ops_retrieval_finds_the_operator_and_carries_the_answer_below_chance():
     train, test = grpo.load_problems("ops"), grpo.load_problems("ops-test")
     contexts = hl_generator.retrieve(test, train)

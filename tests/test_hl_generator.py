@@ -252,6 +252,24 @@ def test_hl_step_fits_the_lls_prompts_by_the_ll_steps_rule(tokenizer, monkeypatc
                 for c in cs]
     assert max(map(len, ll_prompts)) <= limit, "the LL answered a prompt longer than --max-prompt-tokens"
     assert ll_prompts == expected and record["ctx_dropped"] == dropped == 2
+    assert record["ctx_right_op"] != record["ctx_right_op"]  # not an ops problem: NaN
+
+
+def test_hl_step_logs_the_right_operator_rate_of_the_hls_contexts(tokenizer, monkeypatch):
+    hl_model, ll_model = make_tiny_model(tokenizer, seed=4), make_tiny_model(tokenizer, seed=5)
+    problems = [{"problem": "Compute $3 \\star 5$.", "answer": "8"}, {"problem": "Compute $4 \\bullet 1$.", "answer": "3"}]
+    right, wrong = ("Compute $1 \\star 2$.", "$\\boxed{3}$"), ("Compute $4 \\diamond 1$.", "$\\boxed{4}$")
+    real = hl.generate_contexts
+
+    def contexts(model, tok, batch, n, *a, **k):  # the HL writes a right and a wrong operator for x 1, wrong ones for x 2
+        _, prompts, completions, stats = real(model, tok, batch, n, *a, **k)
+        return [[right, wrong], [wrong, wrong]], prompts, completions, stats
+
+    monkeypatch.setattr(hl, "generate_contexts", contexts)
+    cfg = replace(alternate.Config(), hl_group=2, ll_answers=1, max_context_tokens=8, max_new_tokens=4, micro_batch=4)
+    opt = torch.optim.AdamW(hl_model.parameters(), lr=1e-3)
+    record = hl.hl_step(hl_model, grpo.frozen_copy(hl_model), ll_model, opt, tokenizer, problems, cfg, 0, [2])
+    assert record["ctx_right_op"] == 0.25
 
 
 # -----------------------------------------------------------------------------

@@ -215,3 +215,14 @@ def test_hostile_text_is_only_text():
     assert reward("\\boxed{\\input{/etc/passwd}}", "0") == 0.0
     assert is_equiv("9^{9^{9^{9}}}", "9^{9^{9^{9}}}")  # equal strings, never evaluated
     assert not is_equiv("9^{9^{9^{9}}}", "1")
+
+
+def test_right_operator_is_the_ops_tasks_context_quality():
+    from math_reward import right_operator, right_operator_rate
+    x, right, wrong = "Compute $3 \\star 5$.", ("Compute $2 \\star 7$.", "$\\boxed{9}$"), ("Compute $3 \\diamond 5$.", "")
+    assert right_operator(x, right) is True and right_operator(x, wrong) is False  # the same digits, another operator
+    assert right_operator(x, None) is False and right_operator(x, ("What is 3 + 5?", "8")) is False
+    assert right_operator("What is 3 + 5?", right) is None  # not an ops problem: no such number
+    assert right_operator_rate([{"problem": x}], [[right, wrong, None, right]]) == 0.5
+    rate = right_operator_rate([{"problem": x}, {"problem": "What is 3 + 5?"}], [[right], [right]])
+    assert rate != rate  # NaN: not every problem is an ops one
