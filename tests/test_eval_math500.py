@@ -138,29 +138,31 @@ def test_bad_flags_are_named(argv, message):
 # the report and the plot over run folders
 
 
-def fake_run(folder, exp, flags, scores, first=0, carried=None):
+def fake_run(folder, exp, flags, scores, first=0, carried=None, right_op=None):
     """A run folder as alternate.py writes it: eval.json, the final round's records, metrics.jsonl."""
     folder.mkdir(parents=True)
     n, acc = len(scores), sum(scores) / len(scores)
     ev = {"acc": acc, "ci_low": 0.0, "ci_high": 1.0, "n": n, "rounds": 2, "exp": exp, "flags": flags,
-          "parse_rate": None, "ctx_self": None, "ctx_has_answer": carried, "wall_clock": 60}
+          "parse_rate": None, "ctx_self": None, "ctx_has_answer": carried, "ctx_right_op": right_op,
+          "wall_clock": 60}
     (folder / "eval.json").write_text(json.dumps(ev))
     (folder / "eval_round2.jsonl").write_text("".join(json.dumps({"unique_id": f"p{i}", "problem": "", "score": v})
                                                       + "\n" for i, v in enumerate(scores, first)))
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"step": 0, "phase": "eval", "eval/acc": 0.125}, {"step": 1, "phase": "ll", "ll/acc": 0.25},
-        {"step": 1, "phase": "ll", "ll/acc": 0.75}, {"step": 2, "phase": "eval", "eval/acc": acc}]))
+        {"step": 0, "phase": "eval", "eval/acc": 0.125, "eval/ctx_right_op": right_op},
+        {"step": 1, "phase": "ll", "ll/acc": 0.25}, {"step": 1, "phase": "ll", "ll/acc": 0.75},
+        {"step": 2, "phase": "eval", "eval/acc": acc, "eval/ctx_right_op": right_op}]))
     return str(folder)
 
 
 def test_report_table_and_over_seeds(tmp_path):
     runs = [fake_run(tmp_path / "a0", 5, "", [1, 1, 0, 0], carried=0.25),
-            fake_run(tmp_path / "a1", 5, "seed=1", [1, 0, 0, 0], carried=0.5),
+            fake_run(tmp_path / "a1", 5, "seed=1", [1, 0, 0, 0], carried=0.5, right_op=0.75),
             fake_run(tmp_path / "b0", 5, "lam=0.0", [0, 0, 0, 0])]
     lines = []
     eval_math500.report(runs + [str(tmp_path / "missing")], log=lines.append)
     assert lines[0].startswith(f"(skipped {tmp_path / 'missing'}: no valid eval.json")
-    assert "| a1 | 5 | seed=1 | 0.125 | 0.250 [0.000, 1.000] | 4 | - | - | 0.50 | 2 | 1.0 min |" in lines
+    assert "| a1 | 5 | seed=1 | 0.125 | 0.250 [0.000, 1.000] | 4 | - | - | 0.50 | 0.75 | 2 | 1.0 min |" in lines
     # over seeds: 0.5 and 0.25, t_{0.975, 1} = 12.706 (clipped to [0, 1])
     assert "| 5 | - | 2 | 0.375 | 0.250 - 0.500 | [0.000, 1.000] |" in lines
     assert "| 5 | lam=0.0 | 1 | 0.000 | 0.000 - 0.000 | - |" in lines
@@ -186,7 +188,7 @@ def test_report_skips_a_torn_eval_json(tmp_path):
 
 def test_plot_draws_one_panel_per_experiment(tmp_path):
     pytest.importorskip("matplotlib")
-    runs = [fake_run(tmp_path / "a0", 5, "", [1, 0]), fake_run(tmp_path / "a1", 5, "seed=1", [0, 0]),
+    runs = [fake_run(tmp_path / "a0", 5, "", [1, 0], right_op=0.5), fake_run(tmp_path / "a1", 5, "seed=1", [0, 0]),
             fake_run(tmp_path / "b0", 1, "", [1, 1])]
     lines = []
     eval_math500.plot(runs + [str(tmp_path / "missing")], str(tmp_path / "c.png"), log=lines.append)
