@@ -266,10 +266,12 @@ def test_hl_step_logs_the_right_operator_rate_of_the_hls_contexts(tokenizer, mon
         return [[right, wrong], [wrong, wrong]], prompts, completions, stats
 
     monkeypatch.setattr(hl, "generate_contexts", contexts)
+    monkeypatch.setattr(hl, "hl_reward", lambda *a: torch.tensor([1.0, 0.0, 0.0, 0.0]))  # R_HL per context, 2 groups
     cfg = replace(alternate.Config(), hl_group=2, ll_answers=1, max_context_tokens=8, max_new_tokens=4, micro_batch=4)
     opt = torch.optim.AdamW(hl_model.parameters(), lr=1e-3)
     record = hl.hl_step(hl_model, grpo.frozen_copy(hl_model), ll_model, opt, tokenizer, problems, cfg, 0, [2])
     assert record["ctx_right_op"] == 0.25
+    assert record["reward_spread"] == pytest.approx(0.5 ** 0.5 / 2) and record["zero_var"] == 0.5  # std of (1, 0), (0, 0)
 
 
 # -----------------------------------------------------------------------------
