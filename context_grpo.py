@@ -158,5 +158,5 @@ def icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, step, e
     record = grpo.step_record(step, roll, rewards, stats, time.time() - t1, eos, G, ref_model)
     record.update(acc_on=acc_all[:B * G].mean().item(), acc_ief=acc_all[B * G:].mean().item() if off_problem else
                   float("nan"), accepted=len(replace), rejected=rejected, bonus=bonus, sample_tok_s=n_sampled / t_sample,
-                  demo_missing=sum(map(len, demos)) - len(off_problem))
+                  demo_missing=sum(map(len, demos)) - len(off_problem), ctx_right_op=right_operator_rate(batch, demos))
     return record, roll

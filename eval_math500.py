@@ -10,7 +10,7 @@ from grpo import arg, encode, format_context, format_prompt, generate, stream_se
 from hl_generator import generate_contexts, parse_context
 from math_reward import carries_answer, extract_boxed, reward, right_operator
 
-# the intervals (README deviation 12) ---------------------------------------------------------------------------------
+# the intervals (README deviation 15) ---------------------------------------------------------------------------------
 
 
 def wilson_interval(k, n, z=1.96):
@@ -157,7 +157,7 @@ def plot(folders, out_png, log=print):
 class Config:
     model: str = arg("smollm2", "the LL: smollm2, Qwen2.5-0.5B, a hub id, or a folder (OUT/ckpt/ll)")
     hl_model: str = arg("", "an HL (a folder, e.g. OUT/ckpt/hl): each problem gets one greedy context first")
-    data: str = arg("math500", "a JSONL path, ops-test (built-in), or math500 (the hub)")
+    data: str = arg("math500", "a JSONL path, ops-test or ops-mix-test (built-in), or math500 (the hub)")
     limit: int = arg(0, "the first N problems only (0 = all)", ge=0)
     max_new_tokens: int = arg(512, "LL answer budget", ge=1)
     max_context_tokens: int = arg(384, "HL context budget", ge=1)

@@ -41,7 +41,7 @@ def resolve_model(name):
 
 
 def load_model(name=None, device="cpu", trainable=False, flag="--model", precision="auto", grad_ckpt=False):
-    """(model, tokenizer). Under bf16 a trained model keeps fp32 weights under bf16 autocast (README deviation 6)."""
+    """(model, tokenizer). Under bf16 a trained model keeps fp32 weights under bf16 autocast (README deviation 12)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
     path = resolve_model(name)
@@ -84,8 +84,8 @@ HELDOUT, HUB_DATA = {"ops": "ops-test", "ops-mix": "ops-mix-test"}, {"math500": 
 
 
 def ops_problems(n, seed=0, split="train", mix=False):
-    """The built-in task "Compute $3 \\star 5$.": made-up operators (OPS) that only an example (or RL) reveals. test: the
-    pairs of OPS_HELDOUT (both orders) with all 4 operators, or (mix) with the i-th pair's 2; train: n draws of the rest."""
+    """The built-in task "Compute $3 \\star 5$.": made-up operators (OPS) that only an example (or RL) reveals. Test: the
+    pairs of OPS_HELDOUT, both orders, with all 4 operators (mix: the i-th with operators i, i+1 mod 4); train: n others."""
     rng, pairs = random.Random(seed), [(a, b) for a in range(1, 10) for b in range(1, 10) if a != b]
     held = {(op, a, b) for a, b in pairs for i, p in enumerate(OPS_HELDOUT) if p == (min(a, b), max(a, b))
             for op in ((list(OPS) * 2)[i % 4:i % 4 + 2] if mix else OPS)}  # mix: the nearest example may mislead

@@ -246,6 +246,6 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
               **ctx_stats, "ctx_right_op": right_operator_rate(batch, contexts), "ctx_dropped": dropped,
               "ctx_len": sum(map(len, hl_completions)) / len(hl_completions), **grpo.rollout_stats(answers, eos),
               "prompt_len": sum(map(len, per_context)) / len(per_context), "zero_var": grpo.zero_variance_fraction(r_hl, G),
-              "reward_spread": r_hl.view(-1, G).std(1).mean().item(),  # R_HL's std over a problem's G contexts
+              "reward_spread": r_hl.view(-1, G).std(1, unbiased=False).mean().item(),  # R_HL's spread in a group
               **stats, "peak_mem_gb": grpo.peak_memory_gb(), "time": time.time() - t0}
     return record

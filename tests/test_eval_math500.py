@@ -186,14 +186,17 @@ def test_report_skips_a_torn_eval_json(tmp_path):
     assert "no valid eval.json" in lines[0] and str(tmp_path / "run") in lines[0]
 
 
-def test_plot_draws_one_panel_per_experiment(tmp_path):
-    pytest.importorskip("matplotlib")
+def test_plot_draws_one_panel_per_experiment(tmp_path, monkeypatch):
+    figure = pytest.importorskip("matplotlib.figure")
+    saved, real = [], figure.Figure.savefig
+    monkeypatch.setattr(figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig) or real(fig, *a, **k))
     runs = [fake_run(tmp_path / "a0", 5, "", [1, 0], right_op=0.5), fake_run(tmp_path / "a1", 5, "seed=1", [0, 0]),
             fake_run(tmp_path / "b0", 1, "", [1, 1])]
     lines = []
     eval_math500.plot(runs + [str(tmp_path / "missing")], str(tmp_path / "c.png"), log=lines.append)
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and "skipped" in lines[0]
     assert lines[-1].endswith("2 experiment(s)")
+    assert [len(ax.lines) for ax in saved[0].axes] == [1, 3]  # exp 1: b0's accuracy; exp 5: a0's and its operator rate, a1's
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):

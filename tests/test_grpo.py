@@ -1,4 +1,5 @@
 """Tests for grpo.py: the sampler against references, log-probs, the mask, advantages, the loss, the run."""
+import hashlib
 import json
 import os
 import subprocess
@@ -347,6 +348,9 @@ def _operands(p):  # "Compute $3 \\star 5$." -> ("star", 3, 5)
 
 def test_ops_task_is_seeded_disjoint_and_correct_by_construction():
     from math_reward import reward
+    digest = hashlib.sha256(json.dumps([grpo.ops_problems(1000, 0, "train"), grpo.ops_problems(1000, 0, "test")],
+                                       sort_keys=True).encode()).hexdigest()
+    assert digest.startswith("714264f60535132a")  # the problems every `ops` figure in the README was measured on
     assert grpo.load_problems("ops", 20, seed=3) == grpo.load_problems("ops", 20, seed=3)
     assert grpo.load_problems("ops", 20, seed=3) != grpo.load_problems("ops", 20, seed=4)
     train, test = grpo.load_problems("ops", seed=0), grpo.load_problems("ops-test", seed=1)
@@ -370,6 +374,9 @@ def test_ops_mix_holds_out_operator_pairs_so_the_nearest_example_can_mislead():
         with_pair = {_operands(q)[0] for q in grpo.load_problems("ops-mix-test") if sorted(_operands(q)[1:]) == pair}
         assert op in with_pair and len(with_pair) == 2
         assert {_operands(q)[0] for q in train if sorted(_operands(q)[1:]) == pair} == set(RULES) - with_pair
+    for i, pair in enumerate(grpo.OPS_HELDOUT):  # the i-th pair with operators i and i + 1 (mod 4)
+        ops = [op[1:] for op in grpo.OPS]
+        assert {_operands(p)[0] for p in test if tuple(sorted(_operands(p)[1:])) == pair} == {ops[i % 4], ops[(i + 1) % 4]}
     for p in train[:100] + test:
         op, a, b = _operands(p)
         assert p["answer"] == str(RULES[op](a, b)) and p["subject"] == "Operators"

@@ -271,7 +271,7 @@ def test_hl_step_logs_the_right_operator_rate_of_the_hls_contexts(tokenizer, mon
     opt = torch.optim.AdamW(hl_model.parameters(), lr=1e-3)
     record = hl.hl_step(hl_model, grpo.frozen_copy(hl_model), ll_model, opt, tokenizer, problems, cfg, 0, [2])
     assert record["ctx_right_op"] == 0.25
-    assert record["reward_spread"] == pytest.approx(0.5 ** 0.5 / 2) and record["zero_var"] == 0.5  # std of (1, 0), (0, 0)
+    assert record["reward_spread"] == pytest.approx(0.25) and record["zero_var"] == 0.5  # std of (1, 0) and of (0, 0)
 
 
 # -----------------------------------------------------------------------------
