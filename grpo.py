@@ -87,7 +87,7 @@ def ops_problems(n, seed=0, split="train", mix=False):
     """The built-in task "Compute $3 \\star 5$.": made-up operators (OPS) that only an example (or RL) reveals. Test: the
     pairs of OPS_HELDOUT, both orders, with all 4 operators (mix: the i-th with operators i, i+1 mod 4); train: n others."""
     rng, pairs = random.Random(seed), [(a, b) for a in range(1, 10) for b in range(1, 10) if a != b]
-    held = {(op, a, b) for a, b in pairs for i, p in enumerate(OPS_HELDOUT) if p == (min(a, b), max(a, b))
+    held = {(op, a, b) for i, (lo, hi) in enumerate(OPS_HELDOUT) for a, b in ((lo, hi), (hi, lo))
             for op in ((list(OPS) * 2)[i % 4:i % 4 + 2] if mix else OPS)}  # mix: the nearest example may mislead
     items = [(op, a, b) for op in OPS for a, b in pairs if ((op, a, b) in held) == (split == "test")]
     if split == "train":
