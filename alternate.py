@@ -75,6 +75,9 @@ class Config(grpo.Config):
         self.eval_data = self.eval_data or grpo.HELDOUT.get(self.data, "math500")
         for bad, why in ((d["hl"] == "none" and (d["hl_steps"] > 0 or self.joint or d["context_at"] != "none"),
                           "--hl none: no contexts and no HL to train (--hl-steps 0, --context-at none, no --joint)"),
+                         (d["hl"] != "none" and d["context_at"] == "none",
+                          f"--hl {d['hl']} with --context-at none: its contexts would be used nowhere (pass --hl none, "
+                          "or --context-at test or train+test)"),
                          (self.exp in (2, 4) and d["ll_steps"] > 0, f"--exp {self.exp} keeps the LL frozen"),
                          (self.joint and (self.icpo or not d["ll_steps"] or d["hl"] not in ("pretrained", "sft")),
                           "--joint needs an HL, LL steps, and no --icpo")):
@@ -109,20 +112,31 @@ def joint_step(ll, ref, prior, hl, sft_model, opts, tok, batch, cfg, idx, eos):
 
 
 def load_hl(cfg, tok, problems, held, out, device):
-    """theta_0: the pretrained HL, --hl-init, or SFT on D_SFT, saved whole to OUT/hl_sft and reused on resume."""
+    """theta_0: the pretrained HL, --hl-init, or SFT on D_SFT, saved whole to OUT/hl_sft and reused on resume.
+    Returns (the HL, the share of D_SFT that SFT dropped, None without SFT)."""
     sft_dir, sft = os.path.join(out, "hl_sft"), cfg.hl == "sft" and not cfg.hl_init
     done = sft and os.path.exists(os.path.join(sft_dir, "config.json"))
     print(f"theta_0: the SFT'd HL already in {sft_dir}" if done else f"theta_0: {'SFT on D_SFT' if sft else 'as loaded'}")
     hl, _ = grpo.load_model(sft_dir if done else cfg.hl_init or cfg.hl_model or cfg.model, device, trainable=True,
                             precision=cfg.precision, grad_ckpt=cfg.grad_ckpt, flag="--hl-init or --hl-model")
+    dropped = None
     if sft and not done:
-        hl_generator.sft(hl, tok, hl_generator.build_sft_pairs(problems, held), cfg, tok.eos_token_id)
+        pairs = hl_generator.build_sft_pairs(problems, held, cfg.self_threshold)
+        dropped = hl_generator.sft(hl, tok, pairs, cfg, tok.eos_token_id)
         if grpo.rank() == 0:  # whole or not at all
             hl.save_pretrained(sft_dir + ".tmp")
             tok.save_pretrained(sft_dir + ".tmp")
             os.replace(sft_dir + ".tmp", sft_dir)
         grpo.barrier()
-    return hl.eval()
+    return hl.eval(), dropped
+
+
+def budget_warning(record, flag, budget):
+    """One line when most answers hit their token budget before an EOS (R_task is then ~0 and nothing is learnt)."""
+    if record.get("finished", 1.0) >= 0.5:
+        return None
+    return (f"WARNING: {1 - record['finished']:.0%} of the answers hit {flag} {budget} before their end: R_task is ~0 "
+            f"and nothing is learnt; pass a larger {flag} (MATH: 1024)")
 
 
 def main(cfg):
@@ -140,20 +154,44 @@ def main(cfg):
     ref, prior = context_grpo.make_prior(ll, cfg)  # p_ref = q = frozen phi_0, copied before a resume loads phi_t
     models, opts = {"ll": ll}, {"ll": torch.optim.AdamW(ll.parameters(), lr=cfg.lr, weight_decay=0.0)}
     problems, eos, hl = grpo.fit_prompts(tok, problems, cfg.max_prompt_tokens), grpo.eos_token_ids(ll, tok), None
+    warnings = []  # what makes this run learn nothing, said when found and again at the end
+
+    def warn(line):
+        if line and line not in warnings:
+            warnings.append(line)
+            print(line)
+
     if cfg.hl in ("pretrained", "sft"):  # pi_SFT: theta_0 frozen (the pretrained HL itself in experiments 2 and 3)
-        hl = models["hl"] = load_hl(cfg, tok, problems, eval_all, out, device)
+        hl, sft_dropped = load_hl(cfg, tok, problems, eval_all, out, device)
+        models["hl"] = hl
         sft_model, opts["hl"] = grpo.frozen_copy(hl), torch.optim.AdamW(hl.parameters(), lr=cfg.hl_lr, weight_decay=0.0)
-    kind = cfg.hl if hl_free and train_ctx else "random" if cfg.icpo else "none"  # without an HL: ICPO's default D
-    source = hl_generator.context_source(kind, problems, problems, cfg.seed)
-    test_src = hl_generator.context_source(cfg.hl, problems, eval_problems, cfg.seed) if hl_free and test_ctx else None
-    test_ctxs = [c[0] for c in test_src(eval_problems, 1, 0, "test")] if test_src else None  # the same every round
+        if sft_dropped is not None and sft_dropped > 0.5:
+            warn(f"WARNING: {sft_dropped:.0%} of D_SFT's examples are longer than --max-context-tokens "
+                 f"{cfg.max_context_tokens}: the HL learns from few; pass a larger --max-context-tokens (MATH: 384)")
+    # where training contexts come from without an HL: retrieved / random, or ICPO's random demonstrations
+    if hl_free and train_ctx:
+        kind = cfg.hl
+    elif cfg.icpo:
+        kind = "random"
+    else:
+        kind = "none"
+    pool = problems
+    if hl_free or kind == "random":  # held to the HL's budget, as D_SFT's targets are
+        pool = hl_generator.within_budget(tok, problems, cfg.max_context_tokens)
+    source = hl_generator.context_source(kind, pool, problems, cfg.seed, cfg.self_threshold)
+    test_ctxs = None  # retrieved / random contexts at test time: the same every round
+    if hl_free and test_ctx:
+        test_src = hl_generator.context_source(cfg.hl, pool, eval_problems, cfg.seed, cfg.self_threshold)
+        test_ctxs = [c[0] for c in test_src(eval_problems, 1, 0, "test")]
     start = grpo.load_checkpoint(out, models, opts) if cfg.resume else 0
 
     def run_eval(t):  # accuracy on the held-out problems, with the contexts at test time: eval.json, metrics.jsonl
+        budget = cfg.eval_max_new_tokens or cfg.max_new_tokens
         s = evaluate(ll, tok, eval_problems, eos, hl if test_ctx and not hl_free else None, contexts=test_ctxs,
-                     max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, max_context_tokens=cfg.max_context_tokens,
+                     max_new_tokens=budget, max_context_tokens=cfg.max_context_tokens,
                      self_threshold=cfg.self_threshold, seed=cfg.seed, out_file=f"{out}/eval_round{t + 1}.jsonl")
         print_summary(s)
+        warn(budget_warning(s, "--eval-max-new-tokens" if cfg.eval_max_new_tokens else "--max-new-tokens", budget))
         s.update(rounds=t + 1, wall_clock=time.time() - t_start, exp=cfg.exp, flags=changed_flags(cfg))
         log("eval", t, {k: v for k, v in s.items() if not isinstance(v, (dict, str))})
         grpo.write_json(os.path.join(out, "eval.json"), s)
@@ -164,18 +202,25 @@ def main(cfg):
                                                                               record.items() if n != "step"}})
         if k is not None:
             context_grpo.print_record(f"round {t + 1}/{cfg.rounds} {phase} step", {**record, "step": k + 1}, steps)
+            warn(budget_warning(record, "--max-new-tokens", cfg.max_new_tokens))
 
-    def draw(idx, seed):  # this rank's share of step idx's problems
-        return grpo.my_share([problems[i] for i in grpo.batch_indices(len(problems), cfg.batch_problems, idx, seed)])
+    def draw(idx, purpose):  # this rank's share of step idx's problems, from the LL's ("data") or the HL's stream
+        indices = grpo.batch_indices(len(problems), cfg.batch_problems, idx, cfg.seed, purpose)
+        return grpo.my_share([problems[i] for i in indices])
 
-    if start == 0 and not cfg.resume:
-        run_eval(-1)  # round 0: every later number has its baseline beside it
+    def evaluations():  # the logged evaluations, round 0 first
+        path = os.path.join(out, "metrics.jsonl")
+        return [r for r in grpo.read_jsonl(path) if r["phase"] == "eval"] if os.path.exists(path) else []
+
+    if start == 0 and not any(r["step"] == 0 for r in evaluations()):
+        run_eval(-1)  # round 0, also on a resume killed before it: every later number has its baseline beside it
     if not (cfg.ll_steps or cfg.hl_steps):
         print(f"nothing to train in experiment {cfg.exp}: the evaluation above is the result")
+        print("".join(w + "\n" for w in warnings), end="")
         return grpo.save_checkpoint(out, 0, models, opts, tok)
     for t in range(start, cfg.rounds):
         for k in range(cfg.ll_steps):  # 1. the LL phase, the HL fixed
-            idx, batch = t * cfg.ll_steps + k, draw(t * cfg.ll_steps + k, cfg.seed)
+            idx, batch = t * cfg.ll_steps + k, draw(t * cfg.ll_steps + k, "data")
             n, purpose = (cfg.n_off, "demo") if cfg.icpo else (cfg.group_size, "ctx")
             if train_ctx and hl is not None and not cfg.joint:  # sampled from the HL
                 ctx, _, _, stats = hl_generator.hl_contexts(hl, tok, batch, n, cfg, eos, purpose, idx)
@@ -185,17 +230,31 @@ def main(cfg):
                       context_grpo.ll_round_step(ll, ref, prior, opts["ll"], tok, batch, ctx, cfg, idx, eos)[0])
             log("ll", t, {**record, **stats}, k, cfg.ll_steps)
         for idx in range(t * cfg.hl_steps, (t + 1) * cfg.hl_steps):  # 2. the HL phase, the LL fixed
-            log("hl", t, hl_generator.hl_step(hl, sft_model, ll, opts["hl"], tok, draw(idx, cfg.seed + 1), cfg, idx, eos),
+            log("hl", t, hl_generator.hl_step(hl, sft_model, ll, opts["hl"], tok, draw(idx, "hl"), cfg, idx, eos),
                 idx - t * cfg.hl_steps, cfg.hl_steps)
         if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds:  # 3. evaluate, 4. checkpoint
             run_eval(t)
         grpo.save_checkpoint(out, t + 1, models, opts, tok)
-    e = [r for r in grpo.read_jsonl(os.path.join(out, "metrics.jsonl")) if r["phase"] == "eval"]  # round 0, ..., the last
+    minutes = (time.time() - t_start) / 60
+    print(before_after(evaluations(), test_ctx) + f"; {minutes:.1f} min, logs in {out}" + "".join("; " + w for w in warnings))
+
+
+def before_after(evals, test_ctx):
+    """The closing verdict: round 0 against the last evaluation, both made on the same problems with the same budget."""
+    first, last = evals[0], evals[-1]
+    if first["step"] != 0:
+        return f"before/after: no round-0 evaluation in metrics.jsonl, so no baseline to compare round {last['step']} with"
+    settings = lambda r: (r["eval/n"], r.get("eval/max_new_tokens"))
+    if settings(first) != settings(last):
+        return (f"before/after: round 0 was evaluated on {first['eval/n']} problems at {first.get('eval/max_new_tokens')}"
+                f" tokens, round {last['step']} on {last['eval/n']} at {last.get('eval/max_new_tokens')}: not compared")
     acc = lambda r: f"{r['eval/acc']:.3f} [{r['eval/ci_low']:.3f}, {r['eval/ci_high']:.3f}]"  # with its 95% interval
-    print(f"before/after: accuracy {acc(e[0])} at round 0 -> {acc(e[-1])} after round {e[-1]['step']} on {e[-1]['eval/n']} "
-          f"problems: {'a gain: intervals apart' if e[-1]['eval/ci_low'] > e[0]['eval/ci_high'] else 'intervals overlap'}"
-          + (f"; contexts that carried the answer: {e[-1]['eval/ctx_has_answer']:.2f}" if test_ctx else "")
-          + f"; {(time.time() - t_start) / 60:.1f} min, logs in {out}")
+    verdict = "a gain: intervals apart" if last["eval/ci_low"] > first["eval/ci_high"] else "intervals overlap"
+    line = (f"before/after: accuracy {acc(first)} at round 0 -> {acc(last)} after round {last['step']} on "
+            f"{last['eval/n']} problems at {last['eval/max_new_tokens']} tokens: {verdict}")
+    if test_ctx:
+        line += f"; contexts that carried the answer: {last['eval/ctx_has_answer']:.2f}"
+    return line
 
 
 if __name__ == "__main__":

@@ -60,8 +60,8 @@ def ll_step(model, ref_model, prior, optimizer, tokenizer, batch, contexts, cfg,
     leaks = [carries_answer(c, p["answer"]) for p, cs in zip(batch, contexts) for c in cs if c]
     record.update(util_stats, reward_task=roll["rewards"].mean().item(),
                   acc_ctx=roll["acc"][has].mean().item() if has.any() else float("nan"),
-                  ctx_len=(sum(len(encode(tokenizer, format_context(c))) for c in given) / len(given)) if given else 0.0,
-                  ctx_frac=len(given) / (len(batch) * cfg.group_size), ctx_dropped=dropped,
+                  ctx_len=(sum(len(encode(tokenizer, format_context(c), target=True)) for c in given) / len(given)) if given else 0.0,
+                  ctx_frac=len(given) / (len(batch) * cfg.group_size), ctx_dropped=dropped, n_ctx=len(given),
                   ctx_has_answer=sum(leaks) / len(leaks) if leaks else float("nan"),
                   ctx_right_op=right_operator_rate(batch, contexts))                # the ops tasks' context quality
     return record, {**roll, "rewards": rewards}
@@ -157,6 +157,6 @@ def icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, step, e
             "t_sample": t_sample}
     record = grpo.step_record(step, roll, rewards, stats, time.time() - t1, eos, G, ref_model)
     record.update(acc_on=acc_all[:B * G].mean().item(), acc_ief=acc_all[B * G:].mean().item() if off_problem else
-                  float("nan"), accepted=len(replace), rejected=rejected, bonus=bonus, sample_tok_s=n_sampled / t_sample,
+                  float("nan"), accepted=len(replace), rejected=rejected, bonus=bonus, sample_tok_s=n_sampled / t_sample, n_ief=len(off_problem),
                   demo_missing=sum(map(len, demos)) - len(off_problem), ctx_right_op=right_operator_rate(batch, demos))
     return record, roll

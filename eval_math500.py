@@ -52,14 +52,16 @@ def evaluate(ll_model, tokenizer, problems, eos, hl_model=None, temperature=0.0,
             ctxs, hl_texts = [c[0] for c in ctx], tokenizer.batch_decode(hl_out, skip_special_tokens=True)
         prompts = [encode(tokenizer, format_prompt(tokenizer, p["problem"], c)) for p, c in zip(batch, ctxs)]
         answers, _ = generate(ll_model, prompts, max_new_tokens, temperature, eos, seed=stream_seed(seed, "eval", start))
-        for p, c, hl_text, text in zip(batch, ctxs, hl_texts, tokenizer.batch_decode(answers, skip_special_tokens=True)):
+        texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+        for p, c, hl_text, text, ids in zip(batch, ctxs, hl_texts, texts, answers):
             restated = c is None and hl_text is not None and parse_context(hl_text) is not None  # dropped (rule 1b)
             records.append({"unique_id": p.get("unique_id"), "level": p.get("level"), "subject": p.get("subject"),
                             "problem": p["problem"], "answer": p["answer"], "hl_output": hl_text,
                             "context": format_context(c) if c else None, "context_parsed": c is not None or restated,
                             "ctx_self": restated, "ctx_has_answer": carries_answer(c, p["answer"]),
                             "ctx_right_op": right_operator(p["problem"], c),
-                            "response": text, "extracted": extract_boxed(text), "score": reward(text, p["answer"])})
+                            "response": text, "extracted": extract_boxed(text), "score": reward(text, p["answer"]),
+                            "finished": bool(ids) and ids[-1] in eos})
         log(f"eval {len(records)}/{len(problems)} | acc so far {sum(r['score'] for r in records) / len(records):.3f}")
     records = grpo.gather(records)
     if out_file and grpo.rank() == 0:
@@ -67,7 +69,8 @@ def evaluate(ll_model, tokenizer, problems, eos, hl_model=None, temperature=0.0,
         open(out_file, "w").writelines(json.dumps(r) + "\n" for r in records)
     right, n = sum(r["score"] for r in records), len(records)
     s = {"acc": right / max(n, 1), **dict(zip(("ci_low", "ci_high"), wilson_interval(right, n))), "n": n,
-         "seconds": time.time() - t0, "context": source}
+         "seconds": time.time() - t0, "context": source, "max_new_tokens": max_new_tokens,
+         "finished": sum(r["finished"] for r in records) / max(n, 1)}  # answers that ended before the budget
     for key in ("level", "subject"):  # the accuracy per level, per subject
         s["by_" + key] = {g: {"acc": sum(v) / len(v), "n": len(v)} for g in sorted({str(r.get(key)) for r in records})
                           for v in [[r["score"] for r in records if str(r.get(key)) == g]]}

