@@ -2,6 +2,7 @@
 hl_generator.py: the higher level pi_theta(c | x) (DESIGN.md §5): its prompt and parser with the leakage guard,
 D_SFT by TF-IDF neighbours (also the retrieval baseline), SFT, R_HL and the HL update. Rules: README deviations.
 """
+
 import itertools, math, re, sys, time
 from collections import Counter
 
@@ -14,8 +15,10 @@ from math_reward import extract_boxed, right_operator_rate
 
 # §5.3: TF-IDF neighbours, the leakage guard, D_SFT -------------------------------------------------------------------
 
-_WORD = re.compile(r"\\[a-z]+|[a-z]+|\d+")                  # TF-IDF terms: LaTeX commands, words, numbers
-_SYMBOL = re.compile(r"\\[a-z]+|[a-z]+|\d+|[^\sa-z\d\\]")  # restates(): the same, and every other symbol
+_WORD = re.compile(r"\\[a-z]+|[a-z]+|\d+")  # TF-IDF terms: LaTeX commands, words, numbers
+_SYMBOL = re.compile(
+    r"\\[a-z]+|[a-z]+|\d+|[^\sa-z\d\\]"
+)  # restates(): the same, and every other symbol
 _LATEX_SPACE = re.compile(r"\\[,;:! ]|\\q?quad\b|~")
 
 
@@ -36,8 +39,12 @@ def tfidf_vectors(texts, vocab=None):
     docs = [_WORD.findall(t.lower()) for t in texts]
     if vocab is None:
         df = Counter(w for d in docs for w in set(d))
-        vocab = ({w: j for j, w in enumerate(sorted(df))},
-                 np.array([math.log((1 + len(docs)) / (1 + df[w])) + 1 for w in sorted(df)], dtype=np.float32))
+        vocab = (
+            {w: j for j, w in enumerate(sorted(df))},
+            np.array(
+                [math.log((1 + len(docs)) / (1 + df[w])) + 1 for w in sorted(df)], dtype=np.float32
+            ),
+        )
     index, idf = vocab
     X = np.zeros((len(docs), len(idf)), dtype=np.float32)
     for i, d in enumerate(docs):
@@ -55,22 +62,34 @@ def nearest_neighbours(queries, pool, k=1, exclude=None, self_threshold=0.9):
             groups.setdefault(p.get("subject", ""), []).append(j)
     by_subject = {}
     for i, q in enumerate(queries):
-        by_subject.setdefault(q.get("subject", "") if q.get("subject", "") in groups else "", []).append(i)
+        by_subject.setdefault(
+            q.get("subject", "") if q.get("subject", "") in groups else "", []
+        ).append(i)
     for subject, qi in by_subject.items():
         pj = groups.get(subject) or [j for js in groups.values() for j in js]
         P, vocab = tfidf_vectors([pool[j]["problem"] for j in pj])
-        sims = tfidf_vectors([queries[i]["problem"] for i in qi], vocab)[0] @ P.T             # (queries, pool)
-        for r, i in enumerate(qi):  # nearest first, lazily: the leakage guard runs until k are found
+        sims = tfidf_vectors([queries[i]["problem"] for i in qi], vocab)[0] @ P.T  # (queries, pool)
+        for r, i in enumerate(
+            qi
+        ):  # nearest first, lazily: the leakage guard runs until k are found
             uid, x = queries[i].get("unique_id"), queries[i]["problem"]
-            ok = (pj[c] for c in np.argsort(-sims[r], kind="stable") if (uid is None or pool[pj[c]].get("unique_id") != uid)
-                  and not restates(pool[pj[c]]["problem"], x, self_threshold))
+            ok = (
+                pj[c]
+                for c in np.argsort(-sims[r], kind="stable")
+                if (uid is None or pool[pj[c]].get("unique_id") != uid)
+                and not restates(pool[pj[c]]["problem"], x, self_threshold)
+            )
             for m, j in enumerate(itertools.islice(ok, k)):
                 out[i, m] = j
     return out
 
 
-def as_example(problem):  # a training problem as a worked example (x', y'): its solution, else its boxed answer
-    return problem["problem"], problem.get("solution") or f"The answer is $\\boxed{{{problem['answer']}}}$."
+def as_example(
+    problem,
+):  # a training problem as a worked example (x', y'): its solution, else its boxed answer
+    return problem["problem"], problem.get(
+        "solution"
+    ) or f"The answer is $\\boxed{{{problem['answer']}}}$."
 
 
 def retrieve(queries, pool, self_threshold=0.9):
@@ -80,22 +99,37 @@ def retrieve(queries, pool, self_threshold=0.9):
 
 
 def holdout_filter(held):  # is a problem one of the held-out ones, by unique_id or by text?
-    ids, texts = {p.get("unique_id") for p in held} - {None}, {normalize_text(p["problem"]) for p in held}
+    ids, texts = (
+        {p.get("unique_id") for p in held} - {None},
+        {normalize_text(p["problem"]) for p in held},
+    )
     return lambda p: p.get("unique_id") in ids or normalize_text(p["problem"]) in texts
 
 
-def drop_overlap(problems, held):  # no training on an evaluation problem (the same id or text): removed, counted
+def drop_overlap(
+    problems, held
+):  # no training on an evaluation problem (the same id or text): removed, counted
     is_held = holdout_filter(held)
     kept = [p for p in problems if not is_held(p)]
-    print(f"training problems: {len(problems) - len(kept)} of {len(problems)} removed as evaluation problems")
-    return kept or sys.exit("every training problem is also an evaluation problem: pass disjoint --data and --eval-data")
+    print(
+        f"training problems: {len(problems) - len(kept)} of {len(problems)} removed as evaluation problems"
+    )
+    return kept or sys.exit(
+        "every training problem is also an evaluation problem: pass disjoint --data and --eval-data"
+    )
 
 
 def within_budget(tokenizer, pool, max_tokens):
     """The pool problems whose worked example and EOS fit the HL's budget (as D_SFT's targets must); dropped, counted."""
-    kept = [p for p in pool if len(encode(tokenizer, format_context(as_example(p)), target=True)) < max_tokens]
-    print(f"contexts without an HL: {len(pool) - len(kept)} of {len(pool)} training examples dropped: longer than "
-          f"--max-context-tokens {max_tokens}")
+    kept = [
+        p
+        for p in pool
+        if len(encode(tokenizer, format_context(as_example(p)), target=True)) < max_tokens
+    ]
+    print(
+        f"contexts without an HL: {len(pool) - len(kept)} of {len(pool)} training examples dropped: longer than "
+        f"--max-context-tokens {max_tokens}"
+    )
     return kept or sys.exit(f"no training example fits --max-context-tokens {max_tokens}: raise it")
 
 
@@ -103,14 +137,29 @@ def context_source(kind, pool, queries, seed, self_threshold=0.9):
     """contexts(batch, n, idx, purpose) -> n per problem: `retrieved`, the TF-IDF nearest pool problem (for the queries);
     `random`, random pool problems, seeded (one that restates x is none); `none`."""
     if kind == "retrieved":
-        lookup = {normalize_text(q["problem"]): c for q, c in zip(queries, retrieve(queries, pool, self_threshold))}
-        return lambda batch, n, idx, purpose: [[lookup.get(normalize_text(p["problem"]))] * n for p in batch]
+        lookup = {
+            normalize_text(q["problem"]): c
+            for q, c in zip(queries, retrieve(queries, pool, self_threshold))
+        }
+        return lambda batch, n, idx, purpose: [
+            [lookup.get(normalize_text(p["problem"]))] * n for p in batch
+        ]
 
     def random_contexts(batch, n, idx, purpose):
         rng = np.random.default_rng(grpo.stream_seed(seed, purpose, idx))
-        return [[None if restates(q["problem"], p["problem"], self_threshold) else as_example(q)
-                 for q in [pool[j] for j in rng.integers(0, len(pool), size=n)]] for p in batch]
-    return random_contexts if kind == "random" else lambda batch, n, idx, purpose: [[None] * n for _ in batch]
+        return [
+            [
+                None if restates(q["problem"], p["problem"], self_threshold) else as_example(q)
+                for q in [pool[j] for j in rng.integers(0, len(pool), size=n)]
+            ]
+            for p in batch
+        ]
+
+    return (
+        random_contexts
+        if kind == "random"
+        else lambda batch, n, idx, purpose: [[None] * n for _ in batch]
+    )
 
 
 def build_sft_pairs(train_problems, holdout_problems=(), self_threshold=0.9):
@@ -120,12 +169,18 @@ def build_sft_pairs(train_problems, holdout_problems=(), self_threshold=0.9):
     nearest = nearest_neighbours(train, train, 1, held, self_threshold)[:, 0]
     return [(x, as_example(train[j])) for x, j in zip(train, nearest) if j >= 0]
 
+
 # the HL's prompt and its parser --------------------------------------------------------------------------------------
 
-HL_INSTRUCTION = ("Write ONE worked example that would help a student solve the problem below: a related but "
-                  "different problem, and its step-by-step solution ending with the final answer in \\boxed{}. "
-                  "Use exactly this format:\nProblem: <the related problem>\nSolution: <its solution>")
-_PROBLEM, _SOLUTION = re.compile(r"problem\s*\**\s*:", re.IGNORECASE), re.compile(r"solution\s*\**\s*:", re.IGNORECASE)
+HL_INSTRUCTION = (
+    "Write ONE worked example that would help a student solve the problem below: a related but "
+    "different problem, and its step-by-step solution ending with the final answer in \\boxed{}. "
+    "Use exactly this format:\nProblem: <the related problem>\nSolution: <its solution>"
+)
+_PROBLEM, _SOLUTION = (
+    re.compile(r"problem\s*\**\s*:", re.IGNORECASE),
+    re.compile(r"solution\s*\**\s*:", re.IGNORECASE),
+)
 
 
 def hl_prompt(tokenizer, problem):
@@ -137,10 +192,19 @@ def parse_context(text, problem=None, self_threshold=0.9):
     `problem` (rule 1b)."""
     p = _PROBLEM.search(text or "")
     s = _SOLUTION.search(text, p.end()) if p else None
-    example, solution = (text[p.end():s.start()].strip(" *\n\t"), text[s.end():].strip(" *\n\t")) if s else ("", "")
+    example, solution = (
+        (text[p.end() : s.start()].strip(" *\n\t"), text[s.end() :].strip(" *\n\t"))
+        if s
+        else ("", "")
+    )
     if not example or not solution or extract_boxed(solution) is None:
         return None
-    return None if problem is not None and restates(example, problem, self_threshold) else (example, solution)
+    return (
+        None
+        if problem is not None and restates(example, problem, self_threshold)
+        else (example, solution)
+    )
+
 
 # SFT: theta_0 --------------------------------------------------------------------------------------------------------
 
@@ -153,8 +217,12 @@ def sft_loss(model, prompt_ids, target_ids, n_tokens=None):
 
 def sft_step(model, optimizer, prompt_ids, target_ids):
     """One SFT update: the mean NLL over the batch's target tokens (under torchrun each rank its share)."""
-    loss = sft_loss(model, grpo.my_share(prompt_ids), grpo.my_share(target_ids),
-                    sum(map(len, target_ids)) / grpo.world_size())
+    loss = sft_loss(
+        model,
+        grpo.my_share(prompt_ids),
+        grpo.my_share(target_ids),
+        sum(map(len, target_ids)) / grpo.world_size(),
+    )
     loss.backward()
     grpo.average_gradients(model)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -165,9 +233,13 @@ def sft_step(model, optimizer, prompt_ids, target_ids):
 
 def sft_order(n, n_held, batch, steps, seed):
     """A seeded permutation of D_SFT, the first n_held held out; step t's batch by grpo.batch_indices over the rest."""
-    perm = np.random.default_rng([seed, grpo.PURPOSES.index("sft")]).permutation(n).tolist()  # the same on every rank
+    perm = (
+        np.random.default_rng([seed, grpo.PURPOSES.index("sft")]).permutation(n).tolist()
+    )  # the same on every rank
     held, rest = perm[:n_held], perm[n_held:]
-    return held, [[rest[i] for i in grpo.batch_indices(len(rest), batch, t, seed)] for t in range(steps)]
+    return held, [
+        [rest[i] for i in grpo.batch_indices(len(rest), batch, t, seed)] for t in range(steps)
+    ]
 
 
 def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
@@ -179,21 +251,45 @@ def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
         target = encode(tokenizer, format_context(c), target=True) + [eos_id]
         if len(target) <= cfg.max_context_tokens:
             data.append((i, encode(tokenizer, hl_prompt(tokenizer, x["problem"])), target))
-    log(f"SFT: {len(pairs) - len(data)} of {len(pairs)} pairs dropped: target > {cfg.max_context_tokens} tokens")
+    log(
+        f"SFT: {len(pairs) - len(data)} of {len(pairs)} pairs dropped: target > {cfg.max_context_tokens} tokens"
+    )
     if len(data) < 2:
-        raise SystemExit(f"SFT: {len(data)} D_SFT pairs fit --max-context-tokens {cfg.max_context_tokens}: raise it")
+        raise SystemExit(
+            f"SFT: {len(data)} D_SFT pairs fit --max-context-tokens {cfg.max_context_tokens}: raise it"
+        )
     kept, prompts, targets = map(list, zip(*data))
-    held, batches = sft_order(len(kept), min(cfg.sft_heldout, len(kept) // 5), cfg.sft_batch, cfg.sft_steps, cfg.seed)
-    subjects = lambda idx: dict(Counter(str(pairs[kept[i]][0].get("subject")) for i in idx).most_common())
-    log(f"SFT subjects: D_SFT {subjects(range(len(kept)))}; held out {subjects(held)}; drawn {subjects(sum(batches, []))}")
+    held, batches = sft_order(
+        len(kept), min(cfg.sft_heldout, len(kept) // 5), cfg.sft_batch, cfg.sft_steps, cfg.seed
+    )
+    subjects = lambda idx: dict(
+        Counter(str(pairs[kept[i]][0].get("subject")) for i in idx).most_common()
+    )
+    log(
+        f"SFT subjects: D_SFT {subjects(range(len(kept)))}; held out {subjects(held)}; drawn {subjects(sum(batches, []))}"
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
 
     @torch.no_grad()
     def heldout():
-        return sum(sft_loss(model, [prompts[i] for i in held[s:s + 8]], [targets[i] for i in held[s:s + 8]]).item()
-                   * len(held[s:s + 8]) for s in range(0, len(held), 8)) / len(held) if held else float("nan")
+        return (
+            sum(
+                sft_loss(
+                    model,
+                    [prompts[i] for i in held[s : s + 8]],
+                    [targets[i] for i in held[s : s + 8]],
+                ).item()
+                * len(held[s : s + 8])
+                for s in range(0, len(held), 8)
+            )
+            / len(held)
+            if held
+            else float("nan")
+        )
 
-    log(f"SFT: {len(kept) - len(held)} train pairs, {len(held)} held out; held-out loss before {heldout():.3f}")
+    log(
+        f"SFT: {len(kept) - len(held)} train pairs, {len(held)} held out; held-out loss before {heldout():.3f}"
+    )
     model.train()
     t0 = time.time()
     for step, b in enumerate(batches):
@@ -205,27 +301,50 @@ def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
     log(f"SFT: held-out loss after {heldout():.3f}")
     return 1 - len(data) / len(pairs)  # the share of D_SFT dropped
 
+
 # contexts from the HL, §5.1 R_HL, §5.2 the HL update ----------------------------------------------------------------
 
 
 @torch.no_grad()
-def generate_contexts(hl_model, tokenizer, problems, n, max_tokens, temperature, eos, seed=None, self_threshold=0.9):
+def generate_contexts(
+    hl_model, tokenizer, problems, n, max_tokens, temperature, eos, seed=None, self_threshold=0.9
+):
     """n contexts per problem from pi_theta, each parsed (x', y') or None (rules 1, 1b); the HL prompts and completions;
     parse_rate (outputs in the format) and ctx_self (those that restated x)."""
     xs = [p["problem"] for p in problems for _ in range(n)]
     prompt_ids = [encode(tokenizer, hl_prompt(tokenizer, x)) for x in xs]
     completions, _ = generate(hl_model, prompt_ids, max_tokens, temperature, eos, seed=seed)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    formatted, parsed = [parse_context(t) for t in texts], [parse_context(t, x, self_threshold) for t, x in zip(texts, xs)]
-    stats = {"parse_rate": sum(f is not None for f in formatted) / max(1, len(formatted)),
-             "ctx_self": sum(f is not None and c is None for f, c in zip(formatted, parsed)) / max(1, len(formatted))}
-    return [parsed[i * n:(i + 1) * n] for i in range(len(problems))], prompt_ids, completions, stats
+    formatted, parsed = (
+        [parse_context(t) for t in texts],
+        [parse_context(t, x, self_threshold) for t, x in zip(texts, xs)],
+    )
+    stats = {
+        "parse_rate": sum(f is not None for f in formatted) / max(1, len(formatted)),
+        "ctx_self": sum(f is not None and c is None for f, c in zip(formatted, parsed))
+        / max(1, len(formatted)),
+    }
+    return (
+        [parsed[i * n : (i + 1) * n] for i in range(len(problems))],
+        prompt_ids,
+        completions,
+        stats,
+    )
 
 
 def hl_contexts(hl, tokenizer, batch, n, cfg, eos, purpose, idx):
     """n sampled contexts per problem (never greedy: G rollouts or G_HL contexts need their own): generate_contexts."""
-    return generate_contexts(hl, tokenizer, batch, n, cfg.max_context_tokens, cfg.hl_temperature or 1.0, eos,
-                             stream_seed(cfg.seed, purpose, idx), cfg.self_threshold)
+    return generate_contexts(
+        hl,
+        tokenizer,
+        batch,
+        n,
+        cfg.max_context_tokens,
+        cfg.hl_temperature or 1.0,
+        eos,
+        stream_seed(cfg.seed, purpose, idx),
+        cfg.self_threshold,
+    )
 
 
 def hl_reward(task_rewards, ll_logprobs, mask, alpha):
@@ -236,28 +355,68 @@ def hl_reward(task_rewards, ll_logprobs, mask, alpha):
 
 def hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, cfg, group):
     """§5.2: advantages of R_HL over each problem's `group` contexts; the clipped surrogate + beta_HL k3 KL to pi_SFT."""
-    return grpo.policy_update(hl_model, sft_model if cfg.beta_hl else None, optimizer, hl_prompts, hl_completions,
-                              group_advantages(r_hl, group, cfg.scale_by_std), cfg, cfg.beta_hl, cfg.max_context_tokens,
-                              cfg.hl_temperature or 1.0)
+    return grpo.policy_update(
+        hl_model,
+        sft_model if cfg.beta_hl else None,
+        optimizer,
+        hl_prompts,
+        hl_completions,
+        group_advantages(r_hl, group, cfg.scale_by_std),
+        cfg,
+        cfg.beta_hl,
+        cfg.max_context_tokens,
+        cfg.hl_temperature or 1.0,
+    )
 
 
 def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, step, eos):
     """One HL update with the LL frozen: G contexts per x, M LL answers per context, R_HL averaged over the M."""
     G, M, t0 = cfg.hl_group, cfg.ll_answers, time.time()
-    contexts, hl_prompts, hl_completions, ctx_stats = hl_contexts(hl_model, tokenizer, batch, G, cfg, eos, "hl", step)
+    contexts, hl_prompts, hl_completions, ctx_stats = hl_contexts(
+        hl_model, tokenizer, batch, G, cfg, eos, "hl", step
+    )
     contexts, dropped = grpo.fit_contexts(tokenizer, batch, contexts, cfg.max_prompt_tokens)
-    per_context = [encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"], c)) for p, cs in zip(batch, contexts)
-                   for c in cs]                                                   # (B*G)
-    answers, answer_logp = generate(ll_model, [ids for ids in per_context for _ in range(M)], cfg.max_new_tokens,
-                                    cfg.temperature, eos, seed=stream_seed(cfg.seed, "hl_ll", step))
+    per_context = [
+        encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"], c))
+        for p, cs in zip(batch, contexts)
+        for c in cs
+    ]  # (B*G)
+    answers, answer_logp = generate(
+        ll_model,
+        [ids for ids in per_context for _ in range(M)],
+        cfg.max_new_tokens,
+        cfg.temperature,
+        eos,
+        seed=stream_seed(cfg.seed, "hl_ll", step),
+    )
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-    r_task, acc, boxed, _ = grpo.score(texts, [p["answer"] for p in batch for _ in range(G * M)], cfg.format_bonus)
-    r_hl = hl_reward(r_task, *grpo.pad_completions(answer_logp, value=0.0), cfg.alpha).view(-1, M).mean(1)  # (B*G,)
+    r_task, acc, boxed, _ = grpo.score(
+        texts, [p["answer"] for p in batch for _ in range(G * M)], cfg.format_bonus
+    )
+    r_hl = (
+        hl_reward(r_task, *grpo.pad_completions(answer_logp, value=0.0), cfg.alpha)
+        .view(-1, M)
+        .mean(1)
+    )  # (B*G,)
     stats = hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, cfg, G)
-    record = {"step": step + 1, "reward": r_hl.mean().item(), "acc": acc.mean().item(), "boxed": boxed.mean().item(),
-              **ctx_stats, "ctx_right_op": right_operator_rate(batch, contexts), "ctx_dropped": dropped,
-              "ctx_len": sum(map(len, hl_completions)) / len(hl_completions), **grpo.rollout_stats(answers, eos),
-              "prompt_len": sum(map(len, per_context)) / len(per_context), "zero_var": grpo.zero_variance_fraction(r_hl, G),
-              "reward_spread": r_hl.view(-1, G).std(1, unbiased=False).mean().item(),  # R_HL's spread in a group
-              **stats, "peak_mem_gb": grpo.peak_memory_gb(), "time": time.time() - t0}
+    record = {
+        "step": step + 1,
+        "reward": r_hl.mean().item(),
+        "acc": acc.mean().item(),
+        "boxed": boxed.mean().item(),
+        **ctx_stats,
+        "ctx_right_op": right_operator_rate(batch, contexts),
+        "ctx_dropped": dropped,
+        "ctx_len": sum(map(len, hl_completions)) / len(hl_completions),
+        **grpo.rollout_stats(answers, eos),
+        "prompt_len": sum(map(len, per_context)) / len(per_context),
+        "zero_var": grpo.zero_variance_fraction(r_hl, G),
+        "reward_spread": r_hl.view(-1, G)
+        .std(1, unbiased=False)
+        .mean()
+        .item(),  # R_HL's spread in a group
+        **stats,
+        "peak_mem_gb": grpo.peak_memory_gb(),
+        "time": time.time() - t0,
+    }
     return record

@@ -8,18 +8,21 @@ math_reward.py: R_task, the 0/1 reward for a MATH final answer (DESIGN.md §2, R
 
 How answers are compared, and why: README, deviations. `python math_reward.py` grades a few examples.
 """
+
 import ast
 import math
 import operator
 import re
 from fractions import Fraction
 
-REL_TOL = 1e-10          # relative tolerance for irrational values (rationals compare exactly)
-MAX_PARSE_CHARS = 1000   # a longer answer is compared as a string only
-MAX_ITEMS = 50           # a longer list/tuple is compared as a string only
-MAX_DEPTH = 60           # nesting cap for the parser and for structures inside structures
-MAX_POW_BITS = 100_000   # cap on the size of an exact power (9^{9^{9^9}} is refused, not computed)
-MAX_WORK_BITS = 1_000_000  # cap on one comparison's exact arithmetic: the sum of every operation's operand bits
+REL_TOL = 1e-10  # relative tolerance for irrational values (rationals compare exactly)
+MAX_PARSE_CHARS = 1000  # a longer answer is compared as a string only
+MAX_ITEMS = 50  # a longer list/tuple is compared as a string only
+MAX_DEPTH = 60  # nesting cap for the parser and for structures inside structures
+MAX_POW_BITS = 100_000  # cap on the size of an exact power (9^{9^{9^9}} is refused, not computed)
+MAX_WORK_BITS = (
+    1_000_000  # cap on one comparison's exact arithmetic: the sum of every operation's operand bits
+)
 POINTS = (0.5, 1.3, -0.7, 2.9, -1.9)  # where expressions with variables are compared
 
 # --- 1. extraction
@@ -48,14 +51,19 @@ def extract_boxed(text):
     j = re.compile(r"[ \t\n]*").match(text, i).end()
     if j < len(text) and text[j] == "{":
         end = _brace_group(text, j)
-        return text[j + 1:end - 1].strip() if end > 0 else None
-    m = re.compile(r"[^\s$]+").match(text, j) if j > i else None  # `\boxed 5`: up to whitespace or $
+        return text[j + 1 : end - 1].strip() if end > 0 else None
+    m = (
+        re.compile(r"[^\s$]+").match(text, j) if j > i else None
+    )  # `\boxed 5`: up to whitespace or $
     return m.group(0) if m else None
+
 
 # --- 2. normalisation (string -> canonical string)
 
 
-_TEXT_CMDS = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|operatorname|boldsymbol)\s*\{")
+_TEXT_CMDS = re.compile(
+    r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|operatorname|boldsymbol)\s*\{"
+)
 _UNIT_WORD = re.compile(r"[A-Za-z]{2,}\.?(\^\{?[23]\}?)?")
 
 
@@ -69,9 +77,13 @@ def _strip_units(s):
         end = _brace_group(s, m.end() - 1)
         if end < 0 or end > cut:
             break
-        inner = s[m.end():end - 1]
-        if not (re.fullmatch(r"[A-Za-z .]*", inner) and inner.strip()
-                and re.fullmatch(r"(\^\{?[23]\}?)?\.?", s[end:cut].strip()) and first_digit < m.start()):
+        inner = s[m.end() : end - 1]
+        if not (
+            re.fullmatch(r"[A-Za-z .]*", inner)
+            and inner.strip()
+            and re.fullmatch(r"(\^\{?[23]\}?)?\.?", s[end:cut].strip())
+            and first_digit < m.start()
+        ):
             break
         cut = m.start()
         while cut > 0 and s[cut - 1].isspace():
@@ -94,7 +106,7 @@ def _unwrap_text(s):
         end = _brace_group(s, m.end() - 1) if m else -1
         if end < 0:
             break
-        s = s[:m.start()] + s[m.end():end - 1] + s[end:]
+        s = s[: m.start()] + s[m.end() : end - 1] + s[end:]
     return s
 
 
@@ -104,15 +116,15 @@ def _fix_frac_sqrt(s):
     if len(s) > MAX_PARSE_CHARS:
         return s
     s = re.sub(r"\\sqrt(\d+|[A-Za-z](?![A-Za-z]))", r"\\sqrt{\1}", s)
-    s = re.sub(r"\\frac(\d)", r"\\frac{\1}", s)             # first argument, one digit
+    s = re.sub(r"\\frac(\d)", r"\\frac{\1}", s)  # first argument, one digit
     out, i = [], 0
-    while True:                                                # second argument, one character
+    while True:  # second argument, one character
         k = s.find("\\frac{", i)
         if k < 0:
             return "".join(out) + s[i:]
         end = _brace_group(s, k + 5)
         if end < 0 or end >= len(s) or not s[end].isalnum():
-            out.append(s[i:k + 6])
+            out.append(s[i : k + 6])
             i = k + 6
             continue
         out.append(s[i:end] + "{" + s[end] + "}")
@@ -121,28 +133,38 @@ def _fix_frac_sqrt(s):
 
 def normalize_answer(answer):
     """A canonical string form of a final answer: answers with equal forms are equal (not conversely)."""
-    s = re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", str(answer)).replace("\n", " ").replace("\t", " ").strip()
-    s = re.sub(r"\\(left|right)\s*\.", "", s)                   # \left. \right.
+    s = (
+        re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", str(answer))
+        .replace("\n", " ")
+        .replace("\t", " ")
+        .strip()
+    )
+    s = re.sub(r"\\(left|right)\s*\.", "", s)  # \left. \right.
     s = re.sub(r"\\(left|right|big|Big|bigg|Bigg)(?![A-Za-z])", "", s)  # \left( -> (
     s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
     s = re.sub(r"\\displaystyle(?![A-Za-z])", "", s)
-    s = s.replace(",\\!", "").replace("{,}", "")                # 10,\!080 and 10{,}080: thousands marks
-    s = re.sub(r"(?<!\\)\\[!,:; ]|\\q?quad(?![A-Za-z])|~", " ", s)   # spacing commands
+    s = s.replace(",\\!", "").replace("{,}", "")  # 10,\!080 and 10{,}080: thousands marks
+    s = re.sub(r"(?<!\\)\\[!,:; ]|\\q?quad(?![A-Za-z])|~", " ", s)  # spacing commands
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree", "", s)  # degrees
     s = s.replace("\\%", "").replace("%", "").replace("\\$", "").replace("$", "")
     s = re.sub(r"\\(cdot|times)(?![A-Za-z])", "*", s)
     s = re.sub(r"\\div(?![A-Za-z])", "/", s)
     s = _unwrap_text(_strip_units(s.strip())).strip()
-    s = re.sub(r"^(?:[A-Za-z]|\\[a-z]+)(?:_\{?\w+\}?)?\s*(?:=|\\in(?![A-Za-z]))\s*(?=[^=]*$)", "", s)  # x = 5, x \in [1,2]
-    s = re.sub(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+)(?![\d,])", lambda m: m.group(1).replace(",", ""), s)  # 2,220
+    s = re.sub(
+        r"^(?:[A-Za-z]|\\[a-z]+)(?:_\{?\w+\}?)?\s*(?:=|\\in(?![A-Za-z]))\s*(?=[^=]*$)", "", s
+    )  # x = 5, x \in [1,2]
+    s = re.sub(
+        r"(?<![\d.,])(\d{1,3}(?:,\d{3})+)(?![\d,])", lambda m: m.group(1).replace(",", ""), s
+    )  # 2,220
     s = _fix_frac_sqrt(re.sub(r"\s+", "", s)).rstrip(".")
-    for _ in range(3):                                          # {5} -> 5
+    for _ in range(3):  # {5} -> 5
         if len(s) >= 2 and s[0] == "{" and _brace_group(s, 0) == len(s):
             s = s[1:-1]
-    s = re.sub(r"^\(([A-Z])\)$", r"\1", s)                      # (C) -> C
-    s = re.sub(r"^(-?\d+)\.0*$", r"\1", s)                      # 12.0 -> 12
-    s = re.sub(r"^(-?\d*\.\d*?[1-9])0+$", r"\1", s)             # 0.50 -> 0.5
-    return re.sub(r"^(-?)\.(\d)", r"\g<1>0.\2", s)              # .5 -> 0.5
+    s = re.sub(r"^\(([A-Z])\)$", r"\1", s)  # (C) -> C
+    s = re.sub(r"^(-?\d+)\.0*$", r"\1", s)  # 12.0 -> 12
+    s = re.sub(r"^(-?\d*\.\d*?[1-9])0+$", r"\1", s)  # 0.50 -> 0.5
+    return re.sub(r"^(-?)\.(\d)", r"\g<1>0.\2", s)  # .5 -> 0.5
+
 
 # --- 3. values: the answer as Python source, parsed by ast (never compiled or run), walked by _evaluate
 
@@ -152,18 +174,26 @@ class ParseError(ValueError):
 
 
 _TOKEN = re.compile(r"\d+(?:\.\d*)?|\.\d+|\\(?:frac|sqrt|pi|infty)|[A-Za-z]|[-+*/^(){}\[\]]")
-_ARGS = {"\\frac": ("((", [("{", "}", ")/("), ("{", "}", "))")]),        # \frac{a}{b}    -> ((a)/(b))
-         "\\sqrt": ("root((", [("[", "]", "),("), ("{", "}", "))")])}    # \sqrt[n]{x}    -> root((n),(x))
+_ARGS = {
+    "\\frac": ("((", [("{", "}", ")/("), ("{", "}", "))")]),  # \frac{a}{b}    -> ((a)/(b))
+    "\\sqrt": ("root((", [("[", "]", "),("), ("{", "}", "))")]),
+}  # \sqrt[n]{x}    -> root((n),(x))
 
 
 def _to_python(s):
     """A normalised answer as Python source: ^ -> **, {} -> (), \\frac and \\sqrt as in _ARGS, \\pi, \\infty,
     0.25 -> (25/100), implicit products made explicit; a run of letters is text: ParseError."""
-    out, stack, want, operand, pos = [], [], [], False, 0  # stack: (closing token, text there, args still wanted)
+    out, stack, want, operand, pos = (
+        [],
+        [],
+        [],
+        False,
+        0,
+    )  # stack: (closing token, text there, args still wanted)
     for m in _TOKEN.finditer(s):
         tok = m.group(0)
         if m.start() != pos:
-            raise ParseError(f"unexpected {s[pos:pos + 10]!r}")
+            raise ParseError(f"unexpected {s[pos : pos + 10]!r}")
         pos = m.end()
         if tok.isalpha() and pos < len(s) and s[pos].isalpha():
             raise ParseError("a run of letters is text, not a product")
@@ -200,7 +230,11 @@ def _to_python(s):
                 if len(tok) > 100:
                     raise ParseError("number too long")
                 whole, _, frac = tok.partition(".")
-                out.append(f"({int(whole + frac or '0')}/{10 ** len(frac)})" if "." in tok else str(int(tok)))
+                out.append(
+                    f"({int(whole + frac or '0')}/{10 ** len(frac)})"
+                    if "." in tok
+                    else str(int(tok))
+                )
             else:
                 out.append({"\\pi": "pi", "\\infty": "inf"}.get(tok, tok))
         if len(stack) > MAX_DEPTH:
@@ -227,7 +261,11 @@ class _Work:
         self.left = MAX_WORK_BITS
 
     def spend(self, *values):
-        bits = sum(v.numerator.bit_length() + v.denominator.bit_length() for v in values if isinstance(v, Fraction))
+        bits = sum(
+            v.numerator.bit_length() + v.denominator.bit_length()
+            for v in values
+            if isinstance(v, Fraction)
+        )
         if bits > self.left:
             raise ParseError("too much exact arithmetic")
         self.left -= bits
@@ -235,7 +273,10 @@ class _Work:
 
 def _power(base, exp):
     if isinstance(base, Fraction) and isinstance(exp, Fraction) and exp.denominator == 1:
-        if abs(exp) * max(base.numerator.bit_length(), base.denominator.bit_length(), 1) > MAX_POW_BITS:
+        if (
+            abs(exp) * max(base.numerator.bit_length(), base.denominator.bit_length(), 1)
+            > MAX_POW_BITS
+        ):
             raise ParseError("power too large")
         return base ** int(exp)
     base, exp = float(base), float(exp)
@@ -256,8 +297,13 @@ def _root(x, n):
 
 
 _CONSTANTS = {"pi": math.pi, "inf": math.inf}
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.Pow: _power}
+_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: _power,
+}
 
 
 def _evaluate(node, env, work):
@@ -270,7 +316,11 @@ def _evaluate(node, env, work):
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         value = _evaluate(node.operand, env, work)
         return -value if isinstance(node.op, ast.USub) else value
-    if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "root" and len(node.args) == 2:
+    if (
+        isinstance(node, ast.Call)
+        and getattr(node.func, "id", "") == "root"
+        and len(node.args) == 2
+    ):
         n, x = _evaluate(node.args[0], env, work), _evaluate(node.args[1], env, work)
         work.spend(x, n)
         return _root(x, n)
@@ -317,7 +367,9 @@ def _values_equal(a, b, work):
             return _close(_evaluate(ta, {}, work), _evaluate(tb, {}, work))
         agree = 0
         for x in POINTS:
-            env = {v: Fraction(x) + j for j, v in enumerate(sorted(va))}  # distinct values per variable
+            env = {
+                v: Fraction(x) + j for j, v in enumerate(sorted(va))
+            }  # distinct values per variable
             ya, yb = _evaluate_or_none(ta, env, work), _evaluate_or_none(tb, env, work)
             if (ya is None) != (yb is None):
                 return False  # defined on one side only
@@ -328,6 +380,7 @@ def _values_equal(a, b, work):
         return agree >= 3
     except (ParseError, ArithmeticError, ValueError, RecursionError):
         return False
+
 
 # --- 4. structures and the public comparison
 
@@ -382,7 +435,11 @@ def _items(s):
     """Elements of a list, with a ± expanded: `1\\pm\\sqrt{5}` -> `1+\\sqrt{5}`, `1-\\sqrt{5}`."""
     out = []
     for part in _split_top(s):
-        out += [part.replace("\\pm", "+"), part.replace("\\pm", "-")] if part.count("\\pm") == 1 else [part]
+        out += (
+            [part.replace("\\pm", "+"), part.replace("\\pm", "-")]
+            if part.count("\\pm") == 1
+            else [part]
+        )
     return out
 
 
@@ -402,39 +459,67 @@ def _equiv(a, b, work, depth=0):
     """a, b normalised: strings, then structures, then values; `work` bounds the arithmetic of the whole call."""
     if a == b:
         return True
-    if not a or not b or depth > MAX_DEPTH or len(a) > MAX_PARSE_CHARS * 10 or len(b) > MAX_PARSE_CHARS * 10:
+    if (
+        not a
+        or not b
+        or depth > MAX_DEPTH
+        or len(a) > MAX_PARSE_CHARS * 10
+        or len(b) > MAX_PARSE_CHARS * 10
+    ):
         return False
     ma, mb = _matrix(a), _matrix(b)
     if ma is not None or mb is not None:
-        return (ma is not None and mb is not None and len(ma) == len(mb)
-                and all(len(ra) == len(rb) and all(_equiv(x, y, work, depth + 1) for x, y in zip(ra, rb))
-                        for ra, rb in zip(ma, mb)))
+        return (
+            ma is not None
+            and mb is not None
+            and len(ma) == len(mb)
+            and all(
+                len(ra) == len(rb) and all(_equiv(x, y, work, depth + 1) for x, y in zip(ra, rb))
+                for ra, rb in zip(ma, mb)
+            )
+        )
     if "\\cup" in a or "\\cup" in b:  # unions of intervals, piece by piece in order
         pa, pb = _split_top(a, "\\cup"), _split_top(b, "\\cup")
-        return len(pa) == len(pb) and len(pa) > 1 and all(_equiv(x, y, work, depth + 1) for x, y in zip(pa, pb))
+        return (
+            len(pa) == len(pb)
+            and len(pa) > 1
+            and all(_equiv(x, y, work, depth + 1) for x, y in zip(pa, pb))
+        )
     ea, eb = _enclosed(a), _enclosed(b)
     if ea and eb and ea[0] == eb[0] == "{":  # sets: any order
         xs, ys = _items(ea[1]), _items(eb[1])
         return len(ys) <= MAX_ITEMS and _unordered_equal(xs, ys, depth, work)
-    if ea and eb and (len(_split_top(ea[1])) > 1 or len(_split_top(eb[1])) > 1):  # tuples, intervals
+    if (
+        ea and eb and (len(_split_top(ea[1])) > 1 or len(_split_top(eb[1])) > 1)
+    ):  # tuples, intervals
         if (ea[0], ea[2]) != (eb[0], eb[2]):
             return False  # (1,2] != (1,2)
         xs, ys = _split_top(ea[1]), _split_top(eb[1])
-        return len(xs) == len(ys) <= MAX_ITEMS and all(_equiv(x, y, work, depth + 1) for x, y in zip(xs, ys))
+        return len(xs) == len(ys) <= MAX_ITEMS and all(
+            _equiv(x, y, work, depth + 1) for x, y in zip(xs, ys)
+        )
     gold_items = _items(eb[1] if eb and eb[0] == "{" else b)
     if len(gold_items) > 1:  # the gold is a list of solutions: any order
         pred_items = _items(ea[1] if ea and ea[0] == "{" else a)
-        return len(gold_items) <= MAX_ITEMS and _unordered_equal(pred_items, gold_items, depth, work)
+        return len(gold_items) <= MAX_ITEMS and _unordered_equal(
+            pred_items, gold_items, depth, work
+        )
     if len(_items(a)) > 1:
         return False  # a list where one value is wanted
     if re.fullmatch(r"[A-Za-z]{2,}", a) and re.fullmatch(r"[A-Za-z]{2,}", b):
-        return a.lower() == b.lower()  # words: Evelyn == evelyn (single letters stay case-sensitive)
+        return (
+            a.lower() == b.lower()
+        )  # words: Evelyn == evelyn (single letters stay case-sensitive)
     return _values_equal(a, b, work)
 
 
 def is_equiv(pred, gold):
     """Whether two final answers (strings, e.g. boxed contents) are the same answer."""
-    return pred is not None and gold is not None and _equiv(normalize_answer(pred), normalize_answer(gold), _Work())
+    return (
+        pred is not None
+        and gold is not None
+        and _equiv(normalize_answer(pred), normalize_answer(gold), _Work())
+    )
 
 
 def carries_answer(context, answer):
@@ -442,13 +527,19 @@ def carries_answer(context, answer):
     return context is not None and is_equiv(extract_boxed(context[1]) or "", answer)
 
 
-_OPS_X = re.compile(r"Compute \$\d+ (\\[a-z]+) \d+\$")  # a problem of the built-in ops tasks, and its operator
+_OPS_X = re.compile(
+    r"Compute \$\d+ (\\[a-z]+) \d+\$"
+)  # a problem of the built-in ops tasks, and its operator
 
 
 def right_operator(problem, context):
     """On the ops tasks: does the context (x', y') use x's operator (no context: False)? None on any other problem."""
     op = _OPS_X.search(problem)
-    return None if op is None else context is not None and re.findall(r"\\[a-z]+", context[0])[:1] == [op.group(1)]
+    return (
+        None
+        if op is None
+        else context is not None and re.findall(r"\\[a-z]+", context[0])[:1] == [op.group(1)]
+    )
 
 
 def right_operator_rate(problems, contexts):
@@ -464,6 +555,11 @@ def reward(response, gold):
 
 
 if __name__ == "__main__":
-    for response, gold in [("$x = \\boxed{\\dfrac{1}{2}}$.", "0.5"), ("\\boxed{0.33}", "\\frac13"),
-                           ("\\boxed{(1,2]}", "(1,2)"), ("\\boxed{-2, 1}", "1,-2"), ("\\boxed{2(x+1)}", "2x+2")]:
+    for response, gold in [
+        ("$x = \\boxed{\\dfrac{1}{2}}$.", "0.5"),
+        ("\\boxed{0.33}", "\\frac13"),
+        ("\\boxed{(1,2]}", "(1,2)"),
+        ("\\boxed{-2, 1}", "1,-2"),
+        ("\\boxed{2(x+1)}", "2x+2"),
+    ]:
         print(f"{reward(response, gold):.0f}  {response!r:32} gold {gold!r}")
