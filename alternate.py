@@ -1,8 +1,11 @@
 """
-alternate.py: hierarchical in-context RL (DESIGN.md §6), the five experiments and every ablation: `python alternate.py
-[--exp N] [--resume DIR]`. Each round: LL steps with the HL's contexts, HL steps against the fixed LL, an evaluation."""
+alternate.py: hierarchical in-context RL (README "The method", 5), the five experiments and every
+ablation: `python alternate.py [--exp N] [--resume DIR]`. Each round: LL steps with the HL's
+contexts, HL steps against the fixed LL, then an evaluation and a checkpoint.
+"""
 
-import os, time
+import os
+import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -13,442 +16,403 @@ import hl_generator
 from eval_math500 import evaluate, print_summary
 from grpo import arg
 
-EXPERIMENTS = {  # what --exp sets; each overridable. retrieved / random (--hl): contexts without an HL to train
+# what --exp sets; each overridable. --hl retrieved / random: contexts without an HL
+EXPERIMENTS = {
     1: dict(hl="none", context_at="none", ll_steps=4, hl_steps=0),  # GRPO, no context
     2: dict(hl="pretrained", context_at="test", ll_steps=0, hl_steps=0),  # pretrained HL, frozen LL
-    3: dict(
-        hl="pretrained", context_at="train+test", ll_steps=4, hl_steps=1
-    ),  # pretrained HL, both trained
+    3: dict(hl="pretrained", context_at="train+test", ll_steps=4, hl_steps=1),  # both trained
     4: dict(hl="sft", context_at="test", ll_steps=0, hl_steps=0),  # SFT HL, frozen LL
-    5: dict(hl="sft", context_at="train+test", ll_steps=4, hl_steps=1),
-}  # SFT HL, both trained: HICRL
+    5: dict(hl="sft", context_at="train+test", ll_steps=4, hl_steps=1),  # both trained: HICRL
+}
+CONTEXT_AT = ["", "none", "test", "train+test"]
+HL_KINDS = ["", "none", "pretrained", "sft", "retrieved", "random"]
 
 
 @dataclass
 class Config(grpo.Config):
     HIDDEN = ("steps", "save_every", "bonus_steps")
     out: str = arg(
-        "runs/alternate", "run folder: config.json, metrics.jsonl, eval*.json*, hl_sft/, ckpt/"
+        "runs/alternate", "run folder: config.json, metrics.jsonl, eval*, hl_sft/, ckpt/"
     )
-    lam: float = arg(
-        0.1, "lambda: weight of the utilisation reward (0 = the plain GRPO reward)", ge=0
-    )
+    lam: float = arg(0.1, "lambda: weight of U~ in the LL's reward (0 = plain GRPO)", ge=0)
     tau: float = arg(1.0, "tau': symmetric clip of the utilisation log-ratio", gt=0)
-    util_reduce: str = arg(
-        "mean", "utilisation over the tokens: mean (a KL rate) or sum", choices=["mean", "sum"]
-    )
+    util_reduce: str = arg("mean", "U~ over the tokens: mean or sum", choices=["mean", "sum"])
     prior: str = arg(
-        "init",
-        "q: init (frozen phi_0), base (--base-model), self (the LL)",
-        choices=["init", "base", "self"],
+        "init", "q: init (phi_0), base (--base-model), self", choices=["init", "base", "self"]
     )
     base_model: str = arg(
         "", "--prior base: the pretrained model phi_0 came from (default: --model)"
     )
     icpo: bool = arg(
-        False,
-        "train the LL by ICPO (§7): the contexts, else random training pairs, as demonstrations",
+        False, "train the LL by ICPO, the contexts (or random pairs) as demonstrations"
     )
     n_off: int = arg(1, "ICPO: IEF rollouts per problem (<= G - 1)", ge=0)
-    icpo_bonus: float = arg(0.5, "ICPO: expert bonus beta_E, annealed as beta_E * (1 - t/T)", ge=0)
+    icpo_bonus: float = arg(0.5, "ICPO: expert bonus beta_E, annealed as beta_E (1 - t/T)", ge=0)
     gamma: float = arg(0.1, "ICPO: shaping f(p) = p / (p + gamma) on IEF tokens", gt=0)
     delta: float = arg(1.0, "ICPO: ERRS acceptance threshold on R_task", ge=0, le=1)
     bonus_steps: int = arg(0, "ICPO: T, the run's LL steps at its start", ge=0)
-    max_context_tokens: int = arg(64, "HL context budget (and D_SFT's target budget)", ge=1)
+    max_context_tokens: int = arg(64, "budget of every context and of D_SFT's targets", ge=1)
     sft_steps: int = arg(20, "SFT steps for theta_0", ge=1)
     sft_batch: int = arg(4, "SFT pairs per step", ge=1)
     sft_lr: float = arg(5e-5, "SFT learning rate", gt=0)
     sft_heldout: int = arg(32, "D_SFT pairs held out for the printed SFT loss", ge=0)
     hl_group: int = arg(4, "G_HL: contexts per problem in the HL update", ge=2)
     ll_answers: int = arg(1, "M: LL answers per context in the HL update", ge=1)
-    alpha: float = arg(
-        0.1, "alpha: weight of the LL's mean token log-prob in R_HL (0 = task only)", ge=0
-    )
+    alpha: float = arg(0.1, "alpha: weight of the LL's mean log-prob in R_HL (0 = task only)", ge=0)
     beta_hl: float = arg(0.04, "beta_HL: k3 KL to the frozen pi_SFT (0 = none)", ge=0)
-    hl_temperature: float = arg(
-        0.7, "HL sampling temperature in training (0 = 1; evaluation is greedy)", ge=0
-    )
-    self_threshold: float = arg(
-        0.9, "leakage guard: an example restating x (cosine >= this) is none", gt=0, le=1
-    )
-    exp: int = arg(
-        5, "experiment 1-5, the defaults of EXPERIMENTS in alternate.py", choices=[1, 2, 3, 4, 5]
-    )
+    hl_temperature: float = arg(0.7, "HL sampling temperature in training (0 = 1)", ge=0)
+    self_threshold: float = arg(0.9, "leakage guard: cosine that makes an example x", gt=0, le=1)
+    exp: int = arg(5, "experiment 1-5 (EXPERIMENTS in alternate.py)", choices=[1, 2, 3, 4, 5])
     hl: str = arg(
-        "",
-        "contexts: from an HL, none, or retrieved / random ('' = --exp's)",
-        choices=["", "none", "pretrained", "sft", "retrieved", "random"],
+        "", "contexts from: an HL, none, retrieved, random ('' = --exp's)", choices=HL_KINDS
     )
-    context_at: str = arg(
-        "",
-        "where the LL sees contexts ('' = from --exp)",
-        choices=["", "none", "test", "train+test"],
-    )
+    context_at: str = arg("", "where the LL sees contexts ('' = --exp's)", choices=CONTEXT_AT)
     rounds: int = arg(2, "T: rounds of (LL phase, HL phase)", ge=1)
-    ll_steps: int = arg(-1, "LL steps per round (-1 = from --exp)", ge=-1)
-    hl_steps: int = arg(-1, "HL steps per round (-1 = from --exp)", ge=-1)
-    frozen_ll: bool = arg(False, "ablation: the LL never updates (the HL still learns against it)")
-    joint: bool = arg(
-        False, "ablation: one combined LL+HL step per round instead of alternating phases"
-    )
+    ll_steps: int = arg(-1, "LL steps per round (-1 = --exp's)", ge=-1)
+    hl_steps: int = arg(-1, "HL steps per round (-1 = --exp's)", ge=-1)
+    frozen_ll: bool = arg(False, "ablation: the LL never updates (the HL still learns)")
+    joint: bool = arg(False, "ablation: one combined LL+HL step instead of alternating phases")
     hl_model: str = arg("", "HL base model, same tokenizer (default: --model)")
     hl_init: str = arg("", "an SFT'd HL folder: theta_0 without running SFT")
-    ll_init: str = arg(
-        "",
-        "phi_0, a trained LL: OUT/ckpt/ll of alternate.py, OUT/ckpt/policy of grpo.py (default: --model)",
-    )
+    ll_init: str = arg("", "phi_0: OUT/ckpt/ll of alternate.py, OUT/ckpt/policy of grpo.py")
     hl_lr: float = arg(1e-5, "HL learning rate", gt=0)
-    eval_data: str = arg(
-        "", "held-out problems (default: --data's test split, else math500); removed from training"
-    )
+    eval_data: str = arg("", "held-out problems (default: --data's test split, else math500)")
     eval_limit: int = arg(64, "evaluate on the first N held-out problems (0 = all)", ge=0)
     eval_every: int = arg(2, "evaluate every N rounds (and after the last)", ge=1)
     eval_max_new_tokens: int = arg(0, "LL budget at evaluation (0 = --max-new-tokens)", ge=0)
     group_size: int = arg(4, "G: LL rollouts per problem, each with its own context", ge=2)
     max_new_tokens: int = arg(48, "LL completion budget", ge=1)
-    temperature: float = arg(
-        0.7, "LL sampling temperature (0 = greedy); log-probs use the same T", ge=0
-    )
+    temperature: float = arg(0.7, "LL sampling temperature (0 = greedy)", ge=0)
     lr: float = arg(3e-5, "LL learning rate (AdamW); the MATH commands use 1e-5", gt=0)
 
     def check(self):
-        """Contradictory flags, once --exp has filled in its defaults: one message before anything loads."""
+        """Contradictory flags, once --exp has filled in its defaults: one message before anything
+        loads."""
         d = experiment_defaults(self)
-        self.bonus_steps = self.bonus_steps or self.rounds * max(
-            d["ll_steps"], 1
-        )  # ICPO's T, fixed at the start
+        self.bonus_steps = self.bonus_steps or self.rounds * max(d["ll_steps"], 1)  # ICPO's T
         self.eval_data = self.eval_data or grpo.HELDOUT.get(self.data, "math500")
-        for bad, why in (
-            (
-                d["hl"] == "none"
-                and (d["hl_steps"] > 0 or self.joint or d["context_at"] != "none"),
-                "--hl none: no contexts and no HL to train (--hl-steps 0, --context-at none, no --joint)",
-            ),
-            (
-                d["hl"] != "none" and d["context_at"] == "none",
-                f"--hl {d['hl']} with --context-at none: its contexts would be used nowhere (pass --hl none, "
-                "or --context-at test or train+test)",
-            ),
-            (self.exp in (2, 4) and d["ll_steps"] > 0, f"--exp {self.exp} keeps the LL frozen"),
-            (
-                self.joint
-                and (self.icpo or not d["ll_steps"] or d["hl"] not in ("pretrained", "sft")),
-                "--joint needs an HL, LL steps, and no --icpo",
-            ),
-        ):
-            if bad:
-                raise SystemExit(why)
+        no_hl = d["hl"] == "none" and (d["hl_steps"] > 0 or self.joint or d["context_at"] != "none")
+        unused = d["hl"] != "none" and d["context_at"] == "none"
+        frozen = self.exp in (2, 4) and d["ll_steps"] > 0
+        joint = self.joint and (
+            self.icpo or not d["ll_steps"] or d["hl"] not in ("pretrained", "sft")
+        )
+        if no_hl:
+            raise SystemExit("--hl none: no contexts and no HL to train (--hl-steps 0, no --joint)")
+        if unused:
+            raise SystemExit(
+                f"--hl {d['hl']} with --context-at none: its contexts would be used nowhere "
+                "(pass --hl none, or --context-at test or train+test)"
+            )
+        if frozen:
+            raise SystemExit(f"--exp {self.exp} keeps the LL frozen")
+        if joint:
+            raise SystemExit("--joint needs an HL, LL steps, and no --icpo")
         context_grpo.check_flags(self)
 
 
 def experiment_defaults(cfg):
-    """The fields --exp sets, where left at '' / -1; --frozen-ll means 0 LL steps, --joint or no HL 0 HL steps."""
-    d = {
-        k: v if getattr(cfg, k) in ("", -1) else getattr(cfg, k)
-        for k, v in EXPERIMENTS[cfg.exp].items()
-    }
-    return {
-        **d,
-        "ll_steps": 0 if cfg.frozen_ll else d["ll_steps"],
-        "hl_steps": 0 if d["hl"] in ("retrieved", "random") or cfg.joint else d["hl_steps"],
-    }
+    """The fields --exp sets where left at '' / -1; --frozen-ll: 0 LL steps; --joint or no HL: 0 HL
+    steps."""
+    d = {}
+    for k, v in EXPERIMENTS[cfg.exp].items():
+        d[k] = v if getattr(cfg, k) in ("", -1) else getattr(cfg, k)
+    if cfg.frozen_ll:
+        d["ll_steps"] = 0
+    if d["hl"] in ("retrieved", "random") or cfg.joint:
+        d["hl_steps"] = 0
+    return d
 
 
 def changed_flags(cfg):
-    """The flags that differ from the defaults of cfg's experiment, "name=value, ..." (the report's flags column)."""
-    base = {
-        **asdict(Config()),
-        **experiment_defaults(Config(exp=cfg.exp)),
-        "eval_data": grpo.HELDOUT.get(cfg.data, "math500"),
-    }
+    """The flags that differ from the defaults of cfg's experiment, "name=value, ..." (the
+    report's)."""
+    base = {**asdict(Config()), **experiment_defaults(Config(exp=cfg.exp))}
+    base["eval_data"] = grpo.HELDOUT.get(cfg.data, "math500")
     skip = {"out", "resume", "overwrite", "device", "exp", *Config.HIDDEN}
-    return ", ".join(
-        f"{k}={v}" for k, v in asdict(cfg).items() if k not in skip and base.get(k) != v
-    )
+    changed = [f"{k}={v}" for k, v in asdict(cfg).items() if k not in skip and base.get(k) != v]
+    return ", ".join(changed)
 
 
-def joint_step(ll, ref, prior, hl, sft_model, opts, tok, batch, cfg, idx, eos):
-    """--joint: contexts sampled once; the LL updated on its rollouts with them, the HL on R_HL of the same rollouts."""
-    ctx, hl_prompts, hl_comps, ctx_stats = hl_generator.hl_contexts(
-        hl, tok, batch, cfg.group_size, cfg, eos, "ctx", idx
-    )
-    record, roll = context_grpo.ll_step(ll, ref, prior, opts["ll"], tok, batch, ctx, cfg, idx, eos)
-    r_hl = hl_generator.hl_reward(
-        roll["acc"] + cfg.format_bonus * roll["wrote_box"],
-        *grpo.pad_completions(roll["sampler_logp"], value=0.0),
-        cfg.alpha,
-    )
-    hl_stats = hl_generator.hl_update(
-        hl, sft_model, opts["hl"], hl_prompts, hl_comps, r_hl, cfg, cfg.group_size
-    )
-    return {
-        **record,
-        **{f"hl_{k}": v for k, v in hl_stats.items()},
-        "hl_reward": r_hl.mean().item(),
-        **ctx_stats,
-    }
+def context_kind(cfg):
+    """Where the LL's training contexts come from: the HL, retrieved, random (also ICPO's
+    demonstrations without an HL's), or none."""
+    if cfg.hl != "none" and cfg.context_at == "train+test":
+        return "hl" if cfg.hl in ("pretrained", "sft") else cfg.hl
+    return "random" if cfg.icpo else "none"
+
+
+def budget_warnings(cfg, tok, problems, eval_problems):
+    """What makes a run learn nothing, said before it starts: most reference solutions longer than
+    the answer budget (answers are cut before their box: R_task ~0)."""
+    eval_flag = "--eval-max-new-tokens" if cfg.eval_max_new_tokens else "--max-new-tokens"
+    checks = [(problems, "--max-new-tokens", cfg.max_new_tokens)]
+    checks.append((eval_problems, eval_flag, cfg.eval_max_new_tokens or cfg.max_new_tokens))
+    found = {}  # one line per flag
+    for rows, flag, budget in checks:
+        lengths = [
+            len(grpo.encode(tok, p["solution"], target=True))
+            for p in rows[:200]
+            if p.get("solution")
+        ]
+        median = sorted(lengths)[len(lengths) // 2] if lengths else 0
+        if median > budget:
+            found.setdefault(
+                flag,
+                f"WARNING: the median reference solution is {median} tokens, over {flag} "
+                f"{budget}: answers are cut before their \\boxed{{}}, nothing is learnt; "
+                f"pass a larger {flag} (MATH: 512)",
+            )
+    for w in found.values():
+        print(w)
+    return list(found.values())
 
 
 def load_hl(cfg, tok, problems, held, out, device):
-    """theta_0: the pretrained HL, --hl-init, or SFT on D_SFT, saved whole to OUT/hl_sft and reused on resume.
-    Returns (the HL, the share of D_SFT that SFT dropped, None without SFT)."""
-    sft_dir, sft = os.path.join(out, "hl_sft"), cfg.hl == "sft" and not cfg.hl_init
+    """theta_0: the pretrained HL, --hl-init, or SFT on D_SFT, saved whole to OUT/hl_sft and reused
+    on resume. Returns (the HL, a warning when SFT dropped most of D_SFT, else None)."""
+    sft_dir = os.path.join(out, "hl_sft")
+    sft = cfg.hl == "sft" and not cfg.hl_init
     done = sft and os.path.exists(os.path.join(sft_dir, "config.json"))
-    print(
-        f"theta_0: the SFT'd HL already in {sft_dir}"
-        if done
-        else f"theta_0: {'SFT on D_SFT' if sft else 'as loaded'}"
-    )
+    if done:
+        print(f"theta_0: the SFT'd HL already in {sft_dir}")
+    else:
+        print(f"theta_0: {'SFT on D_SFT' if sft else 'as loaded'}")
+    path = sft_dir if done else cfg.hl_init or cfg.hl_model or cfg.model
+    flag = "--hl-init or --hl-model"
     hl, _ = grpo.load_model(
-        sft_dir if done else cfg.hl_init or cfg.hl_model or cfg.model,
-        device,
-        trainable=True,
-        precision=cfg.precision,
-        grad_ckpt=cfg.grad_ckpt,
-        flag="--hl-init or --hl-model",
+        path, device, trainable=True, precision=cfg.precision, grad_ckpt=cfg.grad_ckpt, flag=flag
     )
-    dropped = None
+    warning = None
     if sft and not done:
         pairs = hl_generator.build_sft_pairs(problems, held, cfg.self_threshold)
         dropped = hl_generator.sft(hl, tok, pairs, cfg, tok.eos_token_id)
+        if dropped > 0.5:
+            warning = (
+                f"WARNING: {dropped:.0%} of D_SFT's examples are over --max-context-tokens "
+                f"{cfg.max_context_tokens}: the HL learns from few; pass a larger one (MATH: 384)"
+            )
+            print(warning)
         if grpo.rank() == 0:  # whole or not at all
             hl.save_pretrained(sft_dir + ".tmp")
             tok.save_pretrained(sft_dir + ".tmp")
             os.replace(sft_dir + ".tmp", sft_dir)
         grpo.barrier()
-    return hl.eval(), dropped
+    return hl.eval(), warning
 
 
-def budget_warning(record, flag, budget):
-    """One line when most answers hit their token budget before an EOS (R_task is then ~0 and nothing is learnt)."""
-    if record.get("finished", 1.0) >= 0.5:
-        return None
-    return (
-        f"WARNING: {1 - record['finished']:.0%} of the answers hit {flag} {budget} before their end: R_task is ~0 "
-        f"and nothing is learnt; pass a larger {flag} (MATH: 1024)"
+def joint_step(ll, ref, prior, hl, sft_model, opts, tok, batch, cfg, idx, eos):
+    """--joint: contexts sampled once; the LL updated on its rollouts with them, the HL on R_HL of
+    the same rollouts."""
+    ctx, hl_prompts, hl_comps, ctx_stats = hl_generator.hl_contexts(
+        hl, tok, batch, cfg.group_size, cfg, eos, "ctx", idx
     )
+    record, roll = context_grpo.ll_step(ll, ref, prior, opts["ll"], tok, batch, ctx, cfg, idx, eos)
+    ll_logp, mask = grpo.pad_completions(roll.sampler_logp, value=0.0)
+    r_task = roll.acc + cfg.format_bonus * roll.wrote_box
+    r_hl = hl_generator.hl_reward(r_task, ll_logp, mask, cfg.alpha)
+    hl_stats = hl_generator.hl_update(
+        hl, sft_model, opts["hl"], hl_prompts, hl_comps, r_hl, cfg, cfg.group_size
+    )
+    hl_record = {f"hl_{k}": v for k, v in hl_stats.items()}
+    return {**record, **hl_record, "hl_reward": r_hl.mean().item(), **ctx_stats}
+
+
+def contexts_without_hl(cfg, tok, problems, eval_problems):
+    """Contexts without an HL (retrieved, random; ICPO's random demonstrations), held to the HL's
+    budget: the training source, and the test contexts (drawn once, the same every round)."""
+    kind = context_kind(cfg)
+    hl_free = cfg.hl in ("retrieved", "random")
+    pool = problems
+    if hl_free or kind == "random":
+        pool = hl_generator.within_budget(tok, problems, cfg.max_context_tokens)
+    source = hl_generator.context_source(kind, pool, problems, cfg.seed, cfg.self_threshold)
+    test_ctxs = None
+    if hl_free and cfg.context_at != "none":
+        test_source = hl_generator.context_source(
+            cfg.hl, pool, eval_problems, cfg.seed, cfg.self_threshold
+        )
+        test_ctxs = [c[0] for c in test_source(eval_problems, 1, 0, "test")]
+    return source, test_ctxs
 
 
 def main(cfg):
     cfg = replace(cfg, **experiment_defaults(cfg))
-    eval_all = grpo.load_problems(
-        cfg.eval_data
-    )  # one evaluation set whatever the seed: eval_math500.py --limit's
+    # --- data: the held-out problems (whatever the seed, as eval_math500.py's), never trained on
+    eval_all = grpo.load_problems(cfg.eval_data)
     eval_problems = eval_all[: cfg.eval_limit or None]
-    problems = hl_generator.drop_overlap(
-        grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed, sample=True), eval_all
-    )
-    device = grpo.init_distributed(
-        cfg.device,
-        {
-            "--batch-problems": cfg.batch_problems,
-            "--sft-batch": cfg.sft_batch if cfg.hl == "sft" and not cfg.hl_init else 0,
-        },
-    )
-    out, t_start, hl_free = grpo.start_run(cfg), time.time(), cfg.hl in ("retrieved", "random")
-    test_ctx, train_ctx = (
-        cfg.hl != "none" and cfg.context_at != "none",
-        cfg.hl != "none" and cfg.context_at == "train+test",
-    )
-    print(
-        f"HICRL experiment {cfg.exp} on {device}: {changed_flags(cfg) or 'the default, ~7 min on 2 CPU cores'}"
-    )
+    train = grpo.load_problems(cfg.data, cfg.limit or None, cfg.seed, sample=True)
+    problems = hl_generator.drop_overlap(train, eval_all)
+    sft_batch = cfg.sft_batch if cfg.hl == "sft" and not cfg.hl_init else 0
+    batches = {"--batch-problems": cfg.batch_problems, "--sft-batch": sft_batch}
+    device = grpo.init_distributed(cfg.device, batches)
+    out, t_start = grpo.start_run(cfg), time.time()
+    flags = changed_flags(cfg) or "the default, ~7 min on 2 CPU cores"
+    print(f"HICRL experiment {cfg.exp} on {device}: {flags}")
+    # --- models: the LL phi, p_ref = q = frozen phi_0; the HL theta, pi_SFT = frozen theta_0
+    flag = "--ll-init" if cfg.ll_init else "--model"
     ll, tok = grpo.load_model(
         cfg.ll_init or cfg.model,
         device,
         trainable=True,
         precision=cfg.precision,
         grad_ckpt=cfg.grad_ckpt,
-        flag="--ll-init" if cfg.ll_init else "--model",
+        flag=flag,
     )
-    ref, prior = context_grpo.make_prior(
-        ll, cfg
-    )  # p_ref = q = frozen phi_0, copied before a resume loads phi_t
-    models, opts = (
-        {"ll": ll},
-        {"ll": torch.optim.AdamW(ll.parameters(), lr=cfg.lr, weight_decay=0.0)},
-    )
-    problems, eos, hl = (
-        grpo.fit_prompts(tok, problems, cfg.max_prompt_tokens),
-        grpo.eos_token_ids(ll, tok),
-        None,
-    )
-    warnings = []  # what makes this run learn nothing, said when found and again at the end
-
-    def warn(line):
-        if line and line not in warnings:
-            warnings.append(line)
-            print(line)
-
-    if cfg.hl in (
-        "pretrained",
-        "sft",
-    ):  # pi_SFT: theta_0 frozen (the pretrained HL itself in experiments 2 and 3)
-        hl, sft_dropped = load_hl(cfg, tok, problems, eval_all, out, device)
+    ref, prior = context_grpo.make_prior(ll, cfg)  # copied before a resume loads phi_t
+    models = {"ll": ll}
+    opts = {"ll": torch.optim.AdamW(ll.parameters(), lr=cfg.lr, weight_decay=0.0)}
+    problems = grpo.fit_prompts(tok, problems, cfg.max_prompt_tokens)
+    eos = grpo.eos_token_ids(ll, tok)
+    warnings = budget_warnings(cfg, tok, problems, eval_problems)
+    hl, sft_model = None, None
+    if cfg.hl in ("pretrained", "sft"):
+        hl, warning = load_hl(cfg, tok, problems, eval_all, out, device)
+        warnings += [warning] if warning else []
+        sft_model = grpo.frozen_copy(hl)  # pi_SFT (the pretrained HL itself in experiments 2, 3)
         models["hl"] = hl
-        sft_model, opts["hl"] = (
-            grpo.frozen_copy(hl),
-            torch.optim.AdamW(hl.parameters(), lr=cfg.hl_lr, weight_decay=0.0),
-        )
-        if sft_dropped is not None and sft_dropped > 0.5:
-            warn(
-                f"WARNING: {sft_dropped:.0%} of D_SFT's examples are longer than --max-context-tokens "
-                f"{cfg.max_context_tokens}: the HL learns from few; pass a larger --max-context-tokens (MATH: 384)"
-            )
-    # where training contexts come from without an HL: retrieved / random, or ICPO's random demonstrations
-    if hl_free and train_ctx:
-        kind = cfg.hl
-    elif cfg.icpo:
-        kind = "random"
-    else:
-        kind = "none"
-    pool = problems
-    if hl_free or kind == "random":  # held to the HL's budget, as D_SFT's targets are
-        pool = hl_generator.within_budget(tok, problems, cfg.max_context_tokens)
-    source = hl_generator.context_source(kind, pool, problems, cfg.seed, cfg.self_threshold)
-    test_ctxs = None  # retrieved / random contexts at test time: the same every round
-    if hl_free and test_ctx:
-        test_src = hl_generator.context_source(
-            cfg.hl, pool, eval_problems, cfg.seed, cfg.self_threshold
-        )
-        test_ctxs = [c[0] for c in test_src(eval_problems, 1, 0, "test")]
+        opts["hl"] = torch.optim.AdamW(hl.parameters(), lr=cfg.hl_lr, weight_decay=0.0)
+    # --- contexts without an HL (retrieved, random), held to the HL's budget
+    kind = context_kind(cfg)
+    source, test_ctxs = contexts_without_hl(cfg, tok, problems, eval_problems)
+    test_hl = hl if cfg.context_at != "none" else None  # None without an HL
+    run = Run(cfg, out, ll, tok, eos, eval_problems, test_hl, test_ctxs, t_start)
     start = grpo.load_checkpoint(out, models, opts) if cfg.resume else 0
-
-    def run_eval(
-        t,
-    ):  # accuracy on the held-out problems, with the contexts at test time: eval.json, metrics.jsonl
-        budget = cfg.eval_max_new_tokens or cfg.max_new_tokens
-        s = evaluate(
-            ll,
-            tok,
-            eval_problems,
-            eos,
-            hl if test_ctx and not hl_free else None,
-            contexts=test_ctxs,
-            max_new_tokens=budget,
-            max_context_tokens=cfg.max_context_tokens,
-            self_threshold=cfg.self_threshold,
-            seed=cfg.seed,
-            out_file=f"{out}/eval_round{t + 1}.jsonl",
-        )
-        print_summary(s)
-        warn(
-            budget_warning(
-                s,
-                "--eval-max-new-tokens" if cfg.eval_max_new_tokens else "--max-new-tokens",
-                budget,
-            )
-        )
-        s.update(
-            rounds=t + 1, wall_clock=time.time() - t_start, exp=cfg.exp, flags=changed_flags(cfg)
-        )
-        log("eval", t, {k: v for k, v in s.items() if not isinstance(v, (dict, str))})
-        grpo.write_json(os.path.join(out, "eval.json"), s)
-
-    def log(
-        phase, t, record, k=None, steps=None
-    ):  # a step's record over ranks (an evaluation is gathered), metrics.jsonl
-        record = grpo.reduce_record(record) if k is not None else record
-        grpo.log_jsonl(
-            out,
-            "metrics.jsonl",
-            {
-                "step": t + 1,
-                "phase": phase,
-                **{f"{phase}/{n}": v for n, v in record.items() if n != "step"},
-            },
-        )
-        if k is not None:
-            context_grpo.print_record(
-                f"round {t + 1}/{cfg.rounds} {phase} step", {**record, "step": k + 1}, steps
-            )
-            warn(budget_warning(record, "--max-new-tokens", cfg.max_new_tokens))
-
-    def draw(
-        idx, purpose
-    ):  # this rank's share of step idx's problems, from the LL's ("data") or the HL's stream
-        indices = grpo.batch_indices(len(problems), cfg.batch_problems, idx, cfg.seed, purpose)
-        return grpo.my_share([problems[i] for i in indices])
-
-    def evaluations():  # the logged evaluations, round 0 first
-        path = os.path.join(out, "metrics.jsonl")
-        return (
-            [r for r in grpo.read_jsonl(path) if r["phase"] == "eval"]
-            if os.path.exists(path)
-            else []
-        )
-
-    if start == 0 and not any(r["step"] == 0 for r in evaluations()):
-        run_eval(
-            -1
-        )  # round 0, also on a resume killed before it: every later number has its baseline beside it
+    # --- round 0, also on a resume killed before it: every later number has its baseline beside it
+    if start == 0 and not any(r["step"] == 0 for r in run.evaluations()):
+        run.evaluate(-1)
     if not (cfg.ll_steps or cfg.hl_steps):
         print(f"nothing to train in experiment {cfg.exp}: the evaluation above is the result")
         print("".join(w + "\n" for w in warnings), end="")
         return grpo.save_checkpoint(out, 0, models, opts, tok)
     for t in range(start, cfg.rounds):
-        for k in range(cfg.ll_steps):  # 1. the LL phase, the HL fixed
-            idx, batch = t * cfg.ll_steps + k, draw(t * cfg.ll_steps + k, "data")
+        # --- 1. the LL phase, the HL fixed
+        for k in range(cfg.ll_steps):
+            idx = t * cfg.ll_steps + k
+            batch = run.draw(problems, idx, "data")
             n, purpose = (cfg.n_off, "demo") if cfg.icpo else (cfg.group_size, "ctx")
-            if train_ctx and hl is not None and not cfg.joint:  # sampled from the HL
+            if cfg.joint:
+                record = joint_step(ll, ref, prior, hl, sft_model, opts, tok, batch, cfg, idx, eos)
+            elif kind == "hl":
                 ctx, _, _, stats = hl_generator.hl_contexts(
                     hl, tok, batch, n, cfg, eos, purpose, idx
                 )
-            else:  # without an HL: retrieved, random or none
-                ctx, stats = source(batch, n, idx, purpose), {}
-            record = (
-                joint_step(ll, ref, prior, hl, sft_model, opts, tok, batch, cfg, idx, eos)
-                if cfg.joint
-                else context_grpo.ll_round_step(
-                    ll, ref, prior, opts["ll"], tok, batch, ctx, cfg, idx, eos
-                )[0]
-            )
-            log("ll", t, {**record, **stats}, k, cfg.ll_steps)
-        for idx in range(t * cfg.hl_steps, (t + 1) * cfg.hl_steps):  # 2. the HL phase, the LL fixed
-            log(
-                "hl",
-                t,
-                hl_generator.hl_step(
-                    hl, sft_model, ll, opts["hl"], tok, draw(idx, "hl"), cfg, idx, eos
-                ),
-                idx - t * cfg.hl_steps,
-                cfg.hl_steps,
-            )
-        if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds:  # 3. evaluate, 4. checkpoint
-            run_eval(t)
+                record = {**run.ll_step(ref, prior, opts["ll"], batch, ctx, idx), **stats}
+            else:
+                ctx = source(batch, n, idx, purpose)
+                record = run.ll_step(ref, prior, opts["ll"], batch, ctx, idx)
+            run.log("ll", t, record, k, cfg.ll_steps)
+        # --- 2. the HL phase, the LL fixed
+        for k in range(cfg.hl_steps):
+            idx = t * cfg.hl_steps + k
+            batch = run.draw(problems, idx, "hl")
+            record = hl_generator.hl_step(hl, sft_model, ll, opts["hl"], tok, batch, cfg, idx, eos)
+            run.log("hl", t, record, k, cfg.hl_steps)
+        # --- 3. evaluate, 4. checkpoint
+        if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds:
+            run.evaluate(t)
         grpo.save_checkpoint(out, t + 1, models, opts, tok)
+    # --- the verdict: round 0 against the last evaluation
     minutes = (time.time() - t_start) / 60
-    print(
-        before_after(evaluations(), test_ctx)
-        + f"; {minutes:.1f} min, logs in {out}"
-        + "".join("; " + w for w in warnings)
-    )
+    line = before_after(run.evaluations(), with_contexts=cfg.context_at != "none")
+    print(line + f"; {minutes:.1f} min, logs in {out}" + "".join("; " + w for w in warnings))
 
 
-def before_after(evals, test_ctx):
-    """The closing verdict: round 0 against the last evaluation, both made on the same problems with the same budget."""
+@dataclass
+class Run:
+    """What the loop shares: drawing batches, one LL step, logging, evaluating."""
+
+    cfg: Config
+    out: str  # the run folder
+    ll: object  # the LL, phi
+    tok: object
+    eos: list
+    eval_problems: list
+    test_hl: object  # the HL whose greedy contexts the evaluation uses, or None
+    test_ctxs: list  # or the contexts it uses (retrieved, random), or None
+    t_start: float
+
+    def draw(self, problems, idx, purpose):
+        """This rank's share of step idx's problems, from the LL's ("data") or the HL's stream."""
+        indices = grpo.batch_indices(
+            len(problems), self.cfg.batch_problems, idx, self.cfg.seed, purpose
+        )
+        return grpo.my_share([problems[i] for i in indices])
+
+    def ll_step(self, ref, prior, optimizer, batch, contexts, idx):
+        """One LL update with these contexts: ICPO's (--icpo) or context-conditioned GRPO's."""
+        args = (self.ll, ref, prior, optimizer, self.tok, batch, contexts, self.cfg, idx, self.eos)
+        return context_grpo.ll_round_step(*args)[0]
+
+    def log(self, phase, t, record, k=None, steps=None):
+        """A record (a step's reduced over ranks; an evaluation is gathered) into metrics.jsonl."""
+        if k is not None:
+            record = grpo.reduce_record(record)
+        named = {f"{phase}/{n}": v for n, v in record.items() if n != "step"}
+        grpo.log_jsonl(self.out, "metrics.jsonl", {"step": t + 1, "phase": phase, **named})
+        if k is not None:
+            prefix = f"round {t + 1}/{self.cfg.rounds} {phase} step"
+            context_grpo.print_record(prefix, {**record, "step": k + 1}, steps)
+
+    def evaluate(self, t):
+        """Accuracy on the held-out problems, with the contexts at test time: eval.json,
+        metrics.jsonl."""
+        cfg = self.cfg
+        s = evaluate(
+            self.ll,
+            self.tok,
+            self.eval_problems,
+            self.eos,
+            self.test_hl,
+            contexts=self.test_ctxs,
+            max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+            max_context_tokens=cfg.max_context_tokens,
+            self_threshold=cfg.self_threshold,
+            seed=cfg.seed,
+            out_file=f"{self.out}/eval_round{t + 1}.jsonl",
+        )
+        print_summary(s)
+        s.update(
+            rounds=t + 1,
+            wall_clock=time.time() - self.t_start,
+            exp=cfg.exp,
+            flags=changed_flags(cfg),
+        )
+        self.log("eval", t, {k: v for k, v in s.items() if not isinstance(v, (dict, str))})
+        grpo.write_json(os.path.join(self.out, "eval.json"), s)
+
+    def evaluations(self):
+        """The logged evaluations, round 0 first."""
+        path = os.path.join(self.out, "metrics.jsonl")
+        if not os.path.exists(path):
+            return []
+        return [r for r in grpo.read_jsonl(path) if r["phase"] == "eval"]
+
+
+def before_after(evals, with_contexts):
+    """The closing verdict: round 0 against the last evaluation, made on the same problems and
+    budget."""
     first, last = evals[0], evals[-1]
     if first["step"] != 0:
-        return f"before/after: no round-0 evaluation in metrics.jsonl, so no baseline to compare round {last['step']} with"
-    settings = lambda r: (r["eval/n"], r.get("eval/max_new_tokens"))
+        return f"before/after: no round-0 evaluation to compare round {last['step']} with"
+    settings = lambda r: (r["eval/n"], r.get("eval/max_new_tokens"))  # noqa: E731
     if settings(first) != settings(last):
         return (
-            f"before/after: round 0 was evaluated on {first['eval/n']} problems at {first.get('eval/max_new_tokens')}"
-            f" tokens, round {last['step']} on {last['eval/n']} at {last.get('eval/max_new_tokens')}: not compared"
+            f"before/after: round 0 was evaluated on {first['eval/n']} problems at "
+            f"{first.get('eval/max_new_tokens')} tokens, round {last['step']} on "
+            f"{last['eval/n']} at "
+            f"{last.get('eval/max_new_tokens')}: not compared"
         )
-    acc = lambda r: (
-        f"{r['eval/acc']:.3f} [{r['eval/ci_low']:.3f}, {r['eval/ci_high']:.3f}]"
-    )  # with its 95% interval
-    verdict = (
-        "a gain: intervals apart"
-        if last["eval/ci_low"] > first["eval/ci_high"]
-        else "intervals overlap"
-    )
+    # noqa: E731
+    acc = lambda r: f"{r['eval/acc']:.3f} [{r['eval/ci_low']:.3f}, {r['eval/ci_high']:.3f}]"
+    apart = last["eval/ci_low"] > first["eval/ci_high"]
+    verdict = "a gain: intervals apart" if apart else "intervals overlap"
     line = (
-        f"before/after: accuracy {acc(first)} at round 0 -> {acc(last)} after round {last['step']} on "
+        f"before/after: accuracy {acc(first)} at round 0 -> {acc(last)} "
+        f"after round {last['step']} on "
         f"{last['eval/n']} problems at {last['eval/max_new_tokens']} tokens: {verdict}"
     )
-    if test_ctx:
+    if with_contexts:
         line += f"; contexts that carried the answer: {last['eval/ctx_has_answer']:.2f}"
     return line
 

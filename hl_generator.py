@@ -1,9 +1,14 @@
 """
-hl_generator.py: the higher level pi_theta(c | x) (DESIGN.md §5): its prompt and parser with the leakage guard,
-D_SFT by TF-IDF neighbours (also the retrieval baseline), SFT, R_HL and the HL update. Rules: README deviations.
+hl_generator.py: the higher level pi_theta(c | x) (README "The method", 4): D_SFT by TF-IDF
+neighbours (also the retrieval baseline), the leakage guard, the HL's prompt and parser, SFT, R_HL
+and the HL update. The rules it follows: README deviations.
 """
 
-import itertools, math, re, sys, time
+import itertools
+import math
+import re
+import sys
+import time
 from collections import Counter
 
 import numpy as np
@@ -13,12 +18,11 @@ import grpo
 from grpo import encode, format_context, generate, group_advantages, sequence_logprobs, stream_seed
 from math_reward import extract_boxed, right_operator_rate
 
-# §5.3: TF-IDF neighbours, the leakage guard, D_SFT -------------------------------------------------------------------
+# --- 1. TF-IDF neighbours, the leakage guard, D_SFT -----------------------------------------------
 
 _WORD = re.compile(r"\\[a-z]+|[a-z]+|\d+")  # TF-IDF terms: LaTeX commands, words, numbers
-_SYMBOL = re.compile(
-    r"\\[a-z]+|[a-z]+|\d+|[^\sa-z\d\\]"
-)  # restates(): the same, and every other symbol
+# restates(): the same, and every other symbol
+_SYMBOL = re.compile(r"\\[a-z]+|[a-z]+|\d+|[^\sa-z\d\\]")
 _LATEX_SPACE = re.compile(r"\\[,;:! ]|\\q?quad\b|~")
 
 
@@ -27,7 +31,8 @@ def normalize_text(text):  # lower case, no `$`, LaTeX spacing as a space, singl
 
 
 def restates(text, problem, threshold=0.9):
-    """The leakage guard: is `text` x itself? The same normalised text, or a symbol-count cosine >= threshold."""
+    """The leakage guard: is `text` x itself? The same normalised text, or a symbol-count cosine >=
+    threshold."""
     a, b = normalize_text(text), normalize_text(problem)
     ca, cb = Counter(_SYMBOL.findall(a)), Counter(_SYMBOL.findall(b))
     norm = math.sqrt(sum(n * n for n in ca.values()) * sum(n * n for n in cb.values()))
@@ -35,7 +40,8 @@ def restates(text, problem, threshold=0.9):
 
 
 def tfidf_vectors(texts, vocab=None):
-    """L2-normalised TF-IDF rows (n, V): tf = count, idf = log((1 + n) / (1 + df)) + 1; `vocab` reuses a fitted one."""
+    """L2-normalised TF-IDF rows (n, V): tf = count, idf = log((1 + n) / (1 + df)) + 1; `vocab`
+    reuses a fitted one."""
     docs = [_WORD.findall(t.lower()) for t in texts]
     if vocab is None:
         df = Counter(w for d in docs for w in set(d))
@@ -54,8 +60,9 @@ def tfidf_vectors(texts, vocab=None):
 
 
 def nearest_neighbours(queries, pool, k=1, exclude=None, self_threshold=0.9):
-    """Per query, the pool indices of its k nearest problems by TF-IDF cosine: the same subject when it has one in the
-    pool, never the query itself or a restatement of it, never a problem with exclude(p). -1 where none is left."""
+    """Per query, the pool indices of its k nearest problems by TF-IDF cosine: the same subject when
+    it has one in the pool, never the query itself or a restatement of it, never a problem with
+    exclude(p). -1 where none is left."""
     out, groups = np.full((len(queries), k), -1, dtype=np.int64), {}
     for j, p in enumerate(pool):
         if exclude is None or not exclude(p):
@@ -69,9 +76,8 @@ def nearest_neighbours(queries, pool, k=1, exclude=None, self_threshold=0.9):
         pj = groups.get(subject) or [j for js in groups.values() for j in js]
         P, vocab = tfidf_vectors([pool[j]["problem"] for j in pj])
         sims = tfidf_vectors([queries[i]["problem"] for i in qi], vocab)[0] @ P.T  # (queries, pool)
-        for r, i in enumerate(
-            qi
-        ):  # nearest first, lazily: the leakage guard runs until k are found
+        # nearest first, lazily: the leakage guard runs until k are found
+        for r, i in enumerate(qi):
             uid, x = queries[i].get("unique_id"), queries[i]["problem"]
             ok = (
                 pj[c]
@@ -84,9 +90,8 @@ def nearest_neighbours(queries, pool, k=1, exclude=None, self_threshold=0.9):
     return out
 
 
-def as_example(
-    problem,
-):  # a training problem as a worked example (x', y'): its solution, else its boxed answer
+# a training problem as a worked example (x', y'): its solution, else its boxed answer
+def as_example(problem):
     return problem["problem"], problem.get(
         "solution"
     ) or f"The answer is $\\boxed{{{problem['answer']}}}$."
@@ -106,13 +111,13 @@ def holdout_filter(held):  # is a problem one of the held-out ones, by unique_id
     return lambda p: p.get("unique_id") in ids or normalize_text(p["problem"]) in texts
 
 
-def drop_overlap(
-    problems, held
-):  # no training on an evaluation problem (the same id or text): removed, counted
+# no training on an evaluation problem (the same id or text): removed, counted
+def drop_overlap(problems, held):
     is_held = holdout_filter(held)
     kept = [p for p in problems if not is_held(p)]
     print(
-        f"training problems: {len(problems) - len(kept)} of {len(problems)} removed as evaluation problems"
+        f"training problems: {len(problems) - len(kept)} of {len(problems)} "
+        "removed as evaluation problems"
     )
     return kept or sys.exit(
         "every training problem is also an evaluation problem: pass disjoint --data and --eval-data"
@@ -120,22 +125,25 @@ def drop_overlap(
 
 
 def within_budget(tokenizer, pool, max_tokens):
-    """The pool problems whose worked example and EOS fit the HL's budget (as D_SFT's targets must); dropped, counted."""
+    """The pool problems whose worked example and EOS fit the HL's budget (as D_SFT's targets must);
+    dropped, counted."""
     kept = [
         p
         for p in pool
         if len(encode(tokenizer, format_context(as_example(p)), target=True)) < max_tokens
     ]
     print(
-        f"contexts without an HL: {len(pool) - len(kept)} of {len(pool)} training examples dropped: longer than "
+        f"contexts without an HL: {len(pool) - len(kept)} of {len(pool)} training examples "
+        "dropped: longer than "
         f"--max-context-tokens {max_tokens}"
     )
     return kept or sys.exit(f"no training example fits --max-context-tokens {max_tokens}: raise it")
 
 
 def context_source(kind, pool, queries, seed, self_threshold=0.9):
-    """contexts(batch, n, idx, purpose) -> n per problem: `retrieved`, the TF-IDF nearest pool problem (for the queries);
-    `random`, random pool problems, seeded (one that restates x is none); `none`."""
+    """contexts(batch, n, idx, purpose) -> n per problem: `retrieved`, the TF-IDF nearest pool
+    problem (for the queries); `random`, random pool problems, seeded (one that restates x is
+    none); `none`."""
     if kind == "retrieved":
         lookup = {
             normalize_text(q["problem"]): c
@@ -163,14 +171,15 @@ def context_source(kind, pool, queries, seed, self_threshold=0.9):
 
 
 def build_sft_pairs(train_problems, holdout_problems=(), self_threshold=0.9):
-    """D_SFT: [(x, (x', y'))], x' the nearest neighbour of x, never x itself, never a held-out problem (as x or x')."""
+    """D_SFT: [(x, (x', y'))], x' the nearest neighbour of x, never x itself, never a held-out
+    problem (as x or x')."""
     held = holdout_filter(holdout_problems)
     train = [p for p in train_problems if not held(p)]
     nearest = nearest_neighbours(train, train, 1, held, self_threshold)[:, 0]
     return [(x, as_example(train[j])) for x, j in zip(train, nearest) if j >= 0]
 
 
-# the HL's prompt and its parser --------------------------------------------------------------------------------------
+# --- 2. the HL's prompt and its parser ------------------------------------------------------------
 
 HL_INSTRUCTION = (
     "Write ONE worked example that would help a student solve the problem below: a related but "
@@ -188,8 +197,8 @@ def hl_prompt(tokenizer, problem):
 
 
 def parse_context(text, problem=None, self_threshold=0.9):
-    """(x', y') from "Problem: ... Solution: ... \\boxed{...}", else None (rule 1); None too when x' restates
-    `problem` (rule 1b)."""
+    """(x', y') from "Problem: ... Solution: ... \\boxed{...}", else None (rule 1); None too when x'
+    restates `problem` (rule 1b)."""
     p = _PROBLEM.search(text or "")
     s = _SOLUTION.search(text, p.end()) if p else None
     example, solution = (
@@ -206,17 +215,19 @@ def parse_context(text, problem=None, self_threshold=0.9):
     )
 
 
-# SFT: theta_0 --------------------------------------------------------------------------------------------------------
+# --- 3. SFT: theta_0 ------------------------------------------------------------------------------
 
 
 def sft_loss(model, prompt_ids, target_ids, n_tokens=None):
-    """The mean NLL of the target tokens given the prompt (the prompt is not in the completion mask)."""
+    """The mean NLL of the target tokens given the prompt (the prompt is not in the completion
+    mask)."""
     logp, mask = sequence_logprobs(model, prompt_ids, target_ids)
     return -(logp * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
 
 
 def sft_step(model, optimizer, prompt_ids, target_ids):
-    """One SFT update: the mean NLL over the batch's target tokens (under torchrun each rank its share)."""
+    """One SFT update: the mean NLL over the batch's target tokens (under torchrun each rank its
+    share)."""
     loss = sft_loss(
         model,
         grpo.my_share(prompt_ids),
@@ -232,63 +243,64 @@ def sft_step(model, optimizer, prompt_ids, target_ids):
 
 
 def sft_order(n, n_held, batch, steps, seed):
-    """A seeded permutation of D_SFT, the first n_held held out; step t's batch by grpo.batch_indices over the rest."""
-    perm = (
-        np.random.default_rng([seed, grpo.PURPOSES.index("sft")]).permutation(n).tolist()
-    )  # the same on every rank
+    """A seeded permutation of D_SFT, the first n_held held out; step t's batch by
+    grpo.batch_indices over the rest."""
+    # the same on every rank
+    perm = np.random.default_rng([seed, grpo.PURPOSES.index("sft")]).permutation(n).tolist()
     held, rest = perm[:n_held], perm[n_held:]
     return held, [
         [rest[i] for i in grpo.batch_indices(len(rest), batch, t, seed)] for t in range(steps)
     ]
 
 
+@torch.no_grad()
+def heldout_loss(model, prompts, targets, held):
+    """The mean SFT loss of the held-out pairs, 8 at a time (NaN when none is held out)."""
+    if not held:
+        return float("nan")
+    total = 0.0
+    for s in range(0, len(held), 8):
+        rows = held[s : s + 8]
+        loss = sft_loss(model, [prompts[i] for i in rows], [targets[i] for i in rows])
+        total += loss.item() * len(rows)
+    return total / len(held)
+
+
 def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
-    """theta_0: SFT of the HL on D_SFT (targets "Problem: x'\\nSolution: y'" + EOS within --max-context-tokens; a longer
-    one is dropped, counted), cfg.sft_batch pairs per step; the held-out loss before and after. Returns the share
-    of D_SFT dropped."""
+    """theta_0: SFT of the HL on D_SFT (targets "Problem: x'\\nSolution: y'" + EOS within
+    --max-context-tokens; a longer one is dropped, counted), cfg.sft_batch pairs per step; the
+    held-out loss before and after. Returns the share of D_SFT dropped."""
     data = []
     for i, (x, c) in enumerate(pairs):
         target = encode(tokenizer, format_context(c), target=True) + [eos_id]
         if len(target) <= cfg.max_context_tokens:
             data.append((i, encode(tokenizer, hl_prompt(tokenizer, x["problem"])), target))
     log(
-        f"SFT: {len(pairs) - len(data)} of {len(pairs)} pairs dropped: target > {cfg.max_context_tokens} tokens"
+        f"SFT: {len(pairs) - len(data)} of {len(pairs)} pairs dropped: "
+        f"target > {cfg.max_context_tokens} tokens"
     )
     if len(data) < 2:
         raise SystemExit(
-            f"SFT: {len(data)} D_SFT pairs fit --max-context-tokens {cfg.max_context_tokens}: raise it"
+            f"SFT: {len(data)} D_SFT pairs fit --max-context-tokens "
+            f"{cfg.max_context_tokens}: raise it"
         )
     kept, prompts, targets = map(list, zip(*data))
     held, batches = sft_order(
         len(kept), min(cfg.sft_heldout, len(kept) // 5), cfg.sft_batch, cfg.sft_steps, cfg.seed
     )
-    subjects = lambda idx: dict(
-        Counter(str(pairs[kept[i]][0].get("subject")) for i in idx).most_common()
-    )
+
+    def subjects(idx):
+        return dict(Counter(str(pairs[kept[i]][0].get("subject")) for i in idx).most_common())
+
     log(
-        f"SFT subjects: D_SFT {subjects(range(len(kept)))}; held out {subjects(held)}; drawn {subjects(sum(batches, []))}"
+        f"SFT subjects: D_SFT {subjects(range(len(kept)))}; held out {subjects(held)}; "
+        f"drawn {subjects(sum(batches, []))}"
     )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
 
-    @torch.no_grad()
-    def heldout():
-        return (
-            sum(
-                sft_loss(
-                    model,
-                    [prompts[i] for i in held[s : s + 8]],
-                    [targets[i] for i in held[s : s + 8]],
-                ).item()
-                * len(held[s : s + 8])
-                for s in range(0, len(held), 8)
-            )
-            / len(held)
-            if held
-            else float("nan")
-        )
-
     log(
-        f"SFT: {len(kept) - len(held)} train pairs, {len(held)} held out; held-out loss before {heldout():.3f}"
+        f"SFT: {len(kept) - len(held)} train pairs, {len(held)} held out; "
+        f"held-out loss before {heldout_loss(model, prompts, targets, held):.3f}"
     )
     model.train()
     t0 = time.time()
@@ -298,19 +310,20 @@ def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
             left = (time.time() - t0) / (step + 1) * (cfg.sft_steps - step - 1)
             log(f"SFT step {step + 1}/{cfg.sft_steps} | loss {loss:.3f} | ~{left:.0f}s left")
     model.eval()
-    log(f"SFT: held-out loss after {heldout():.3f}")
+    log(f"SFT: held-out loss after {heldout_loss(model, prompts, targets, held):.3f}")
     return 1 - len(data) / len(pairs)  # the share of D_SFT dropped
 
 
-# contexts from the HL, §5.1 R_HL, §5.2 the HL update ----------------------------------------------------------------
+# --- 4. contexts from the HL, R_HL, the HL update -------------------------------------------------
 
 
 @torch.no_grad()
 def generate_contexts(
     hl_model, tokenizer, problems, n, max_tokens, temperature, eos, seed=None, self_threshold=0.9
 ):
-    """n contexts per problem from pi_theta, each parsed (x', y') or None (rules 1, 1b); the HL prompts and completions;
-    parse_rate (outputs in the format) and ctx_self (those that restated x)."""
+    """n contexts per problem from pi_theta, each parsed (x', y') or None (rules 1, 1b); the HL
+    prompts and completions; parse_rate (outputs in the format) and ctx_self (those that restated
+    x)."""
     xs = [p["problem"] for p in problems for _ in range(n)]
     prompt_ids = [encode(tokenizer, hl_prompt(tokenizer, x)) for x in xs]
     completions, _ = generate(hl_model, prompt_ids, max_tokens, temperature, eos, seed=seed)
@@ -333,7 +346,8 @@ def generate_contexts(
 
 
 def hl_contexts(hl, tokenizer, batch, n, cfg, eos, purpose, idx):
-    """n sampled contexts per problem (never greedy: G rollouts or G_HL contexts need their own): generate_contexts."""
+    """n sampled contexts per problem (never greedy: G rollouts or G_HL contexts need their own):
+    generate_contexts."""
     return generate_contexts(
         hl,
         tokenizer,
@@ -348,39 +362,45 @@ def hl_contexts(hl, tokenizer, batch, n, cfg, eos, purpose, idx):
 
 
 def hl_reward(task_rewards, ll_logprobs, mask, alpha):
-    """R_HL = R_task + alpha * (1/|y|) sum_t log p_phi(y_t | x, c, y_<t), per LL answer (the confidence form of
-    R_task - alpha * H). task_rewards: (N,); ll_logprobs, mask: (N, T)."""
-    return task_rewards + alpha * ((ll_logprobs * mask).sum(1) / mask.sum(1).clamp(min=1))
+    """R_HL = R_task + alpha * (1/|y|) sum_t log p_phi(y_t | x, c, y_<t) per LL answer: the
+    confidence form of R_task - alpha * H. task_rewards: (N,); ll_logprobs, mask: (N, T)."""
+    confidence = (ll_logprobs * mask).sum(1) / mask.sum(1).clamp(min=1)  # (N,) mean token log-prob
+    return task_rewards + alpha * confidence
 
 
 def hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, cfg, group):
-    """§5.2: advantages of R_HL over each problem's `group` contexts; the clipped surrogate + beta_HL k3 KL to pi_SFT."""
+    """The HL objective: advantages of R_HL over each problem's `group` contexts; the clipped
+    surrogate on the context tokens + beta_HL k3 KL to pi_SFT."""
+    adv = group_advantages(r_hl, group, cfg.scale_by_std)
+    anchor = sft_model if cfg.beta_hl else None
     return grpo.policy_update(
         hl_model,
-        sft_model if cfg.beta_hl else None,
+        anchor,
         optimizer,
         hl_prompts,
         hl_completions,
-        group_advantages(r_hl, group, cfg.scale_by_std),
+        adv,
         cfg,
-        cfg.beta_hl,
-        cfg.max_context_tokens,
-        cfg.hl_temperature or 1.0,
+        beta=cfg.beta_hl,
+        max_len=cfg.max_context_tokens,
+        temperature=cfg.hl_temperature or 1.0,
     )
 
 
 def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, step, eos):
-    """One HL update with the LL frozen: G contexts per x, M LL answers per context, R_HL averaged over the M."""
-    G, M, t0 = cfg.hl_group, cfg.ll_answers, time.time()
+    """One HL update with the LL frozen: G_HL contexts per x, M LL answers per context, R_HL
+    averaged over the M answers of each context."""
+    t0 = time.time()
+    G = cfg.hl_group
+    M = cfg.ll_answers
     contexts, hl_prompts, hl_completions, ctx_stats = hl_contexts(
         hl_model, tokenizer, batch, G, cfg, eos, "hl", step
     )
     contexts, dropped = grpo.fit_contexts(tokenizer, batch, contexts, cfg.max_prompt_tokens)
-    per_context = [
-        encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"], c))
-        for p, cs in zip(batch, contexts)
-        for c in cs
-    ]  # (B*G)
+    per_context = []  # (B*G) the LL's prompt with each context
+    for p, cs in zip(batch, contexts):
+        for c in cs:
+            per_context.append(encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"], c)))
     answers, answer_logp = generate(
         ll_model,
         [ids for ids in per_context for _ in range(M)],
@@ -390,16 +410,13 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
         seed=stream_seed(cfg.seed, "hl_ll", step),
     )
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-    r_task, acc, boxed, _ = grpo.score(
-        texts, [p["answer"] for p in batch for _ in range(G * M)], cfg.format_bonus
-    )
-    r_hl = (
-        hl_reward(r_task, *grpo.pad_completions(answer_logp, value=0.0), cfg.alpha)
-        .view(-1, M)
-        .mean(1)
-    )  # (B*G,)
+    golds = [p["answer"] for p in batch for _ in range(G * M)]
+    r_task, acc, boxed, _ = grpo.score(texts, golds, cfg.format_bonus)
+    ll_logp, mask = grpo.pad_completions(answer_logp, value=0.0)  # (B*G*M, T)
+    r_hl_answers = hl_reward(r_task, ll_logp, mask, cfg.alpha)  # (B*G*M,)
+    r_hl = r_hl_answers.view(-1, M).mean(1)  # (B*G,): the mean over each context's M answers
     stats = hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, cfg, G)
-    record = {
+    return {
         "step": step + 1,
         "reward": r_hl.mean().item(),
         "acc": acc.mean().item(),
@@ -414,9 +431,8 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
         "reward_spread": r_hl.view(-1, G)
         .std(1, unbiased=False)
         .mean()
-        .item(),  # R_HL's spread in a group
+        .item(),  # R_HL within a group
         **stats,
         "peak_mem_gb": grpo.peak_memory_gb(),
         "time": time.time() - t0,
     }
-    return record

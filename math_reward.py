@@ -1,12 +1,12 @@
 """
-math_reward.py: R_task, the 0/1 reward for a MATH final answer (DESIGN.md §2, R_task in every equation).
+math_reward.py: R_task, the 0/1 reward for a MATH final answer (README "The method": R_task).
 
-    extract_boxed(text)       the content of the last \\boxed{...} / \\fbox{...} (braces balanced), or None
+    extract_boxed(text)       the last \\boxed{...} / \\fbox{...} (braces balanced), or None
     normalize_answer(answer)  a canonical string form: two answers with equal forms are equal
     is_equiv(pred, gold)      the same final answer? (strings, then structures, then exact values)
     reward(response, gold)    1.0 if extract_boxed(response) is the same answer as gold, else 0.0
 
-How answers are compared, and why: README, deviations. `python math_reward.py` grades a few examples.
+How answers are compared, and why: README deviations. `python math_reward.py` grades examples.
 """
 
 import ast
@@ -25,11 +25,12 @@ MAX_WORK_BITS = (
 )
 POINTS = (0.5, 1.3, -0.7, 2.9, -1.9)  # where expressions with variables are compared
 
-# --- 1. extraction
+# --- 1. extraction --------------------------------------------------------------------------------
 
 
 def _brace_group(s, i):
-    """Index just past the brace group that opens at s[i] == '{' (escaped \\{ \\} \\\\ skipped), or -1 if unclosed."""
+    """Index just past the brace group that opens at s[i] == '{' (escaped \\{ \\} \\\\ skipped), or
+    -1 if unclosed."""
     depth, k = 0, i
     while k < len(s):
         if s[k] == "\\":
@@ -43,7 +44,8 @@ def _brace_group(s, i):
 
 
 def extract_boxed(text):
-    """Content of the last \\boxed{...}, \\fbox{...} or `\\boxed 5`; None if there is none or it is unclosed."""
+    """Content of the last \\boxed{...}, \\fbox{...} or `\\boxed 5`; None if there is none or it is
+    unclosed."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox")) if text else -1
     if start < 0:
         return None
@@ -52,13 +54,12 @@ def extract_boxed(text):
     if j < len(text) and text[j] == "{":
         end = _brace_group(text, j)
         return text[j + 1 : end - 1].strip() if end > 0 else None
-    m = (
-        re.compile(r"[^\s$]+").match(text, j) if j > i else None
-    )  # `\boxed 5`: up to whitespace or $
+    # `\boxed 5`: up to whitespace or $
+    m = re.compile(r"[^\s$]+").match(text, j) if j > i else None
     return m.group(0) if m else None
 
 
-# --- 2. normalisation (string -> canonical string)
+# --- 2. normalisation (string -> canonical string) ------------------------------------------------
 
 
 _TEXT_CMDS = re.compile(
@@ -68,7 +69,8 @@ _UNIT_WORD = re.compile(r"[A-Za-z]{2,}\.?(\^\{?[23]\}?)?")
 
 
 def _strip_units(s):
-    """`5\\text{ cm}` -> `5`, `42 inches` -> `42`, `5.4 \\text{ cents}` -> `5.4`: words after a number."""
+    """`5\\text{ cm}` -> `5`, `42 inches` -> `42`, `5.4 \\text{ cents}` -> `5.4`: words after a
+    number."""
     first_digit = next((i for i, ch in enumerate(s) if ch.isdigit()), len(s))
     cut = len(s)
     for m in reversed(list(_TEXT_CMDS.finditer(s))):  # trailing \text{words}, last first
@@ -111,8 +113,8 @@ def _unwrap_text(s):
 
 
 def _fix_frac_sqrt(s):
-    """`\\frac12` -> `\\frac{1}{2}`, `\\frac{270}7` -> `\\frac{270}{7}`, `\\sqrt13` -> `\\sqrt{13}`, `\\sqrt x` ->
-    `\\sqrt{x}`; answers over MAX_PARSE_CHARS are left alone."""
+    """`\\frac12` -> `\\frac{1}{2}`, `\\frac{270}7` -> `\\frac{270}{7}`, `\\sqrt13` -> `\\sqrt{13}`,
+    `\\sqrt x` -> `\\sqrt{x}`; answers over MAX_PARSE_CHARS are left alone."""
     if len(s) > MAX_PARSE_CHARS:
         return s
     s = re.sub(r"\\sqrt(\d+|[A-Za-z](?![A-Za-z]))", r"\\sqrt{\1}", s)
@@ -132,7 +134,8 @@ def _fix_frac_sqrt(s):
 
 
 def normalize_answer(answer):
-    """A canonical string form of a final answer: answers with equal forms are equal (not conversely)."""
+    """A canonical string form of a final answer: answers with equal forms are equal (not
+    conversely)."""
     s = (
         re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", str(answer))
         .replace("\n", " ")
@@ -150,12 +153,14 @@ def normalize_answer(answer):
     s = re.sub(r"\\(cdot|times)(?![A-Za-z])", "*", s)
     s = re.sub(r"\\div(?![A-Za-z])", "/", s)
     s = _unwrap_text(_strip_units(s.strip())).strip()
+    # x = 5, x \in [1,2]
     s = re.sub(
         r"^(?:[A-Za-z]|\\[a-z]+)(?:_\{?\w+\}?)?\s*(?:=|\\in(?![A-Za-z]))\s*(?=[^=]*$)", "", s
-    )  # x = 5, x \in [1,2]
+    )
+    # 2,220
     s = re.sub(
         r"(?<![\d.,])(\d{1,3}(?:,\d{3})+)(?![\d,])", lambda m: m.group(1).replace(",", ""), s
-    )  # 2,220
+    )
     s = _fix_frac_sqrt(re.sub(r"\s+", "", s)).rstrip(".")
     for _ in range(3):  # {5} -> 5
         if len(s) >= 2 and s[0] == "{" and _brace_group(s, 0) == len(s):
@@ -166,7 +171,7 @@ def normalize_answer(answer):
     return re.sub(r"^(-?)\.(\d)", r"\g<1>0.\2", s)  # .5 -> 0.5
 
 
-# --- 3. values: the answer as Python source, parsed by ast (never compiled or run), walked by _evaluate
+# --- 3. values: the answer as Python source, parsed by ast (never run), walked by _evaluate -------
 
 
 class ParseError(ValueError):
@@ -174,22 +179,21 @@ class ParseError(ValueError):
 
 
 _TOKEN = re.compile(r"\d+(?:\.\d*)?|\.\d+|\\(?:frac|sqrt|pi|infty)|[A-Za-z]|[-+*/^(){}\[\]]")
+# \sqrt[n]{x}    -> root((n),(x))
 _ARGS = {
     "\\frac": ("((", [("{", "}", ")/("), ("{", "}", "))")]),  # \frac{a}{b}    -> ((a)/(b))
     "\\sqrt": ("root((", [("[", "]", "),("), ("{", "}", "))")]),
-}  # \sqrt[n]{x}    -> root((n),(x))
+}
 
 
 def _to_python(s):
-    """A normalised answer as Python source: ^ -> **, {} -> (), \\frac and \\sqrt as in _ARGS, \\pi, \\infty,
-    0.25 -> (25/100), implicit products made explicit; a run of letters is text: ParseError."""
-    out, stack, want, operand, pos = (
-        [],
-        [],
-        [],
-        False,
-        0,
-    )  # stack: (closing token, text there, args still wanted)
+    """A normalised answer as Python source: ^ -> **, {} -> (), \\frac and \\sqrt as in _ARGS,
+    \\pi, \\infty, 0.25 -> (25/100), implicit products explicit; a run of letters: ParseError."""
+    out = []
+    stack = []  # (closing token, text there, args still wanted)
+    want = []  # the brace groups a \frac or \sqrt still takes
+    operand = False  # the last token ended an operand: a next operand multiplies
+    pos = 0
     for m in _TOKEN.finditer(s):
         tok = m.group(0)
         if m.start() != pos:
@@ -227,14 +231,7 @@ def _to_python(s):
             elif tok == "[":
                 raise ParseError("unexpected '['")
             elif tok[0].isdigit() or tok[0] == ".":
-                if len(tok) > 100:
-                    raise ParseError("number too long")
-                whole, _, frac = tok.partition(".")
-                out.append(
-                    f"({int(whole + frac or '0')}/{10 ** len(frac)})"
-                    if "." in tok
-                    else str(int(tok))
-                )
+                out.append(_number(tok))
             else:
                 out.append({"\\pi": "pi", "\\infty": "inf"}.get(tok, tok))
         if len(stack) > MAX_DEPTH:
@@ -244,8 +241,19 @@ def _to_python(s):
     return " ".join(out)
 
 
+def _number(tok):
+    """A decimal as exact Python source: 12 -> 12, 0.25 -> (25/100)."""
+    if len(tok) > 100:
+        raise ParseError("number too long")
+    if "." not in tok:
+        return str(int(tok))
+    whole, _, frac = tok.partition(".")
+    return f"({int(whole + frac or '0')}/{10 ** len(frac)})"
+
+
 def parse_expression(s):
-    """A normalised answer as a Python expression tree (ast), or ParseError; nothing is compiled or run."""
+    """A normalised answer as a Python expression tree (ast), or ParseError; nothing is compiled or
+    run."""
     if not s or len(s) > MAX_PARSE_CHARS:
         raise ParseError("empty or too long")
     try:
@@ -255,7 +263,7 @@ def parse_expression(s):
 
 
 class _Work:
-    """The exact arithmetic one is_equiv call may still do, in operand bits (MAX_WORK_BITS in all)."""
+    """The exact arithmetic one is_equiv call may still do, in operand bits (MAX_WORK_BITS)."""
 
     def __init__(self):
         self.left = MAX_WORK_BITS
@@ -307,8 +315,9 @@ _OPS = {
 
 
 def _evaluate(node, env, work):
-    """Value of an expression tree, a Fraction while everything is rational, else a float; any node that is
-    not arithmetic is a ParseError, and every operation is paid for from `work` before it runs."""
+    """Value of an expression tree, a Fraction while everything is rational, else a float; any node
+    that is not arithmetic is a ParseError, and every operation is paid for from `work` before it
+    runs."""
     if isinstance(node, ast.Constant) and type(node.value) is int:
         return Fraction(node.value)
     if isinstance(node, ast.Name):
@@ -367,9 +376,8 @@ def _values_equal(a, b, work):
             return _close(_evaluate(ta, {}, work), _evaluate(tb, {}, work))
         agree = 0
         for x in POINTS:
-            env = {
-                v: Fraction(x) + j for j, v in enumerate(sorted(va))
-            }  # distinct values per variable
+            # distinct values per variable
+            env = {v: Fraction(x) + j for j, v in enumerate(sorted(va))}
             ya, yb = _evaluate_or_none(ta, env, work), _evaluate_or_none(tb, env, work)
             if (ya is None) != (yb is None):
                 return False  # defined on one side only
@@ -382,12 +390,15 @@ def _values_equal(a, b, work):
         return False
 
 
-# --- 4. structures and the public comparison
+# --- 4. structures and the public comparison ------------------------------------------------------
 
 
 def _split_top(s, sep=","):
     """Split at sep where no bracket is open; (1,2] counts as balanced (intervals mix brackets)."""
-    parts, depth, start, i = [], 0, 0, 0
+    parts = []
+    depth = 0
+    start = 0
+    i = 0
     while i < len(s):
         c = s[i]
         if c == "\\" and s.startswith(("\\{", "\\}"), i):
@@ -409,7 +420,8 @@ def _split_top(s, sep=","):
 
 
 def _enclosed(s):
-    """(open, inner, close) if the whole string is one bracketed group like (1,2] or \\{1,2\\}, else None."""
+    """(open, inner, close) if the whole string is one bracketed group like (1,2] or \\{1,2\\}, else
+    None."""
     if s.startswith("\\{") and s.endswith("\\}") and len(s) >= 4:
         return "{", s[2:-2], "}"
     if len(s) < 2 or s[0] not in "([" or s[-1] not in ")]":
@@ -456,7 +468,8 @@ def _unordered_equal(xs, ys, depth, work):
 
 
 def _equiv(a, b, work, depth=0):
-    """a, b normalised: strings, then structures, then values; `work` bounds the arithmetic of the whole call."""
+    """a, b normalised: strings, then structures, then values; `work` bounds the arithmetic of the
+    whole call."""
     if a == b:
         return True
     if (
@@ -489,9 +502,8 @@ def _equiv(a, b, work, depth=0):
     if ea and eb and ea[0] == eb[0] == "{":  # sets: any order
         xs, ys = _items(ea[1]), _items(eb[1])
         return len(ys) <= MAX_ITEMS and _unordered_equal(xs, ys, depth, work)
-    if (
-        ea and eb and (len(_split_top(ea[1])) > 1 or len(_split_top(eb[1])) > 1)
-    ):  # tuples, intervals
+    # tuples, intervals
+    if ea and eb and (len(_split_top(ea[1])) > 1 or len(_split_top(eb[1])) > 1):
         if (ea[0], ea[2]) != (eb[0], eb[2]):
             return False  # (1,2] != (1,2)
         xs, ys = _split_top(ea[1]), _split_top(eb[1])
@@ -507,9 +519,8 @@ def _equiv(a, b, work, depth=0):
     if len(_items(a)) > 1:
         return False  # a list where one value is wanted
     if re.fullmatch(r"[A-Za-z]{2,}", a) and re.fullmatch(r"[A-Za-z]{2,}", b):
-        return (
-            a.lower() == b.lower()
-        )  # words: Evelyn == evelyn (single letters stay case-sensitive)
+        # words: Evelyn == evelyn (single letters stay case-sensitive)
+        return a.lower() == b.lower()
     return _values_equal(a, b, work)
 
 
@@ -523,17 +534,18 @@ def is_equiv(pred, gold):
 
 
 def carries_answer(context, answer):
-    """Does a context (x', y') box x's own answer? The leakage reported beside every accuracy with a context."""
+    """Does a context (x', y') box x's own answer? The leakage reported beside every accuracy with a
+    context."""
     return context is not None and is_equiv(extract_boxed(context[1]) or "", answer)
 
 
-_OPS_X = re.compile(
-    r"Compute \$\d+ (\\[a-z]+) \d+\$"
-)  # a problem of the built-in ops tasks, and its operator
+# a problem of the built-in ops tasks, and its operator
+_OPS_X = re.compile(r"Compute \$\d+ (\\[a-z]+) \d+\$")
 
 
 def right_operator(problem, context):
-    """On the ops tasks: does the context (x', y') use x's operator (no context: False)? None on any other problem."""
+    """On the ops tasks: does the context (x', y') use x's operator (no context: False)? None on any
+    other problem."""
     op = _OPS_X.search(problem)
     return (
         None
@@ -543,7 +555,8 @@ def right_operator(problem, context):
 
 
 def right_operator_rate(problems, contexts):
-    """The contexts' quality on the ops tasks: the fraction of them (a list per problem) with x's operator; else NaN."""
+    """The contexts' quality on the ops tasks: the fraction of them (a list per problem) with x's
+    operator; else NaN."""
     flags = [right_operator(p["problem"], c) for p, cs in zip(problems, contexts) for c in cs]
     return sum(flags) / len(flags) if flags and None not in flags else float("nan")
 

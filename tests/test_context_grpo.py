@@ -44,14 +44,14 @@ def test_lambda_zero_is_plain_grpo(tokenizer):
     rec_ctx, roll_ctx = cg.ll_step(m1, r1, None, o1, tokenizer, PROBLEMS[:2], contexts, c, 0, eos)  # no prior: never run
     m2, r2, o2 = setup(tokenizer)
     rec_plain, roll_plain = grpo.grpo_step(m2, r2, o2, tokenizer, PROBLEMS[:2], c, 0, eos, contexts)
-    assert torch.equal(roll_ctx["rewards"], roll_plain["rewards"])
+    assert torch.equal(roll_ctx.rewards, roll_plain.rewards)
     for key in ("reward", "loss", "kl", "grad_norm"):
         assert rec_ctx[key] == rec_plain[key], key
     assert torch.equal(m1.model.embed_tokens.weight, m2.model.embed_tokens.weight)
     # and a lambda > 0 does change the rewards
     m3, r3, o3 = setup(tokenizer)
     _, roll_shaped = cg.ll_step(m3, r3, r3, o3, tokenizer, PROBLEMS[:2], contexts, cfg(lam=1.0), 0, eos)
-    assert not torch.equal(roll_shaped["rewards"], roll_plain["rewards"])
+    assert not torch.equal(roll_shaped.rewards, roll_plain.rewards)
 
 
 def test_lambda_zero_logs_the_utilisation_it_does_not_reward(tokenizer):
@@ -61,7 +61,7 @@ def test_lambda_zero_logs_the_utilisation_it_does_not_reward(tokenizer):
     rec, roll = cg.ll_step(m1, r1, r1, o1, tokenizer, PROBLEMS[:2], contexts, cfg(lam=0.0), 0, eos)  # q = phi_0
     m2, r2, o2 = setup(tokenizer)
     _, roll_plain = grpo.grpo_step(m2, r2, o2, tokenizer, PROBLEMS[:2], cfg(lam=0.0), 0, eos, contexts)
-    assert torch.equal(roll["rewards"], roll_plain["rewards"])  # not rewarded ...
+    assert torch.equal(roll.rewards, roll_plain.rewards)  # not rewarded ...
     assert "util" in rec and rec["util"] == rec["util"]          # ... but measured (a number, not NaN)
     assert rec["ctx_right_op"] != rec["ctx_right_op"]            # no ops problem: no right-operator rate (NaN)
 

@@ -198,9 +198,9 @@ def test_kl_to_sft_is_zero_after_sft_and_beta_zero_drops_it(tokenizer, monkeypat
 
     real = grpo.grpo_loss
 
-    def spy(lp, old, ref, *args):
-        seen.append(ref)
-        return real(lp, old, ref, *args)
+    def spy(logp, old_logp, ref_logp, *args, **kwargs):
+        seen.append(ref_logp)
+        return real(logp, old_logp, ref_logp, *args, **kwargs)
 
     monkeypatch.setattr(grpo, "grpo_loss", spy)
     for beta in (0.1, 0.0):

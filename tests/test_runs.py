@@ -6,8 +6,6 @@ import copy
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -19,19 +17,11 @@ import alternate
 import context_grpo
 import grpo
 import hl_generator
-from conftest import make_tiny_model
+from conftest import MATH500, make_tiny_model
+from test_alternate import TINY as ALTERNATE_TINY
+from test_alternate import alternate as run_alternate
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-TINY = ["--batch-problems", "1", "--group-size", "2", "--hl-group", "2", "--max-new-tokens", "6",
-        "--max-context-tokens", "48", "--sft-steps", "2", "--sft-batch", "2", "--eval-limit", "3", "--limit", "30",
-        "--rounds", "1", "--device", "cpu", "--micro-batch", "4", "--eval-every", "1", "--ll-steps", "1"]
-
-
-def run_alternate(args, cwd):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "alternate.py")] + args, cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+TINY = ALTERNATE_TINY + ["--ll-steps", "1"]  # one LL step a round
 
 
 def evals(folder):
@@ -73,19 +63,24 @@ def test_one_verdict_for_one_set_of_evaluation_settings(tmp_path):
     def record(step, n, tokens, low, high):
         return {"step": step, "eval/n": n, "eval/max_new_tokens": tokens, "eval/acc": (low + high) / 2,
                 "eval/ci_low": low, "eval/ci_high": high, "eval/ctx_has_answer": 0.0}
-    line = alternate.before_after([record(0, 3, 6, 0.0, 0.2), record(2, 20, 12, 0.5, 0.9)], test_ctx=True)
+    line = alternate.before_after([record(0, 3, 6, 0.0, 0.2), record(2, 20, 12, 0.5, 0.9)], with_contexts=True)
     assert "not compared" in line and "gain" not in line
-    line = alternate.before_after([record(0, 20, 12, 0.0, 0.2), record(2, 20, 12, 0.5, 0.9)], test_ctx=True)
+    line = alternate.before_after([record(0, 20, 12, 0.0, 0.2), record(2, 20, 12, 0.5, 0.9)], with_contexts=True)
     assert "on 20 problems at 12 tokens: a gain: intervals apart" in line
 
 
-def test_a_budget_that_cuts_every_answer_is_said_in_the_first_step_and_at_the_end(tiny_model_dir, tmp_path):
+def test_a_budget_that_cuts_every_answer_is_said_before_the_first_step_and_at_the_end(
+        tiny_model_dir, tmp_path, tokenizer):
     out = run_alternate(["--model", tiny_model_dir, "--out", "run"] + TINY, tmp_path).splitlines()
     warning = next(i for i, l in enumerate(out) if l.startswith("WARNING:"))
     first_step = next(i for i, l in enumerate(out) if " ll step 1/" in l)
     assert warning < first_step and "--max-new-tokens 6" in out[warning] and "pass a larger" in out[warning]
     assert out[warning] in next(l for l in out if l.startswith("before/after"))
-    assert alternate.budget_warning({"finished": 0.9}, "--max-new-tokens", 6) is None
+    cfg = alternate.Config()  # the demo's budget: silent on ops, said on MATH (the bare MATH command)
+    ops = grpo.load_problems("ops", limit=50)
+    assert alternate.budget_warnings(cfg, tokenizer, ops, ops) == []
+    math = grpo.load_problems(MATH500, limit=50)
+    assert "--max-new-tokens 48" in alternate.budget_warnings(cfg, tokenizer, math, math)[0]
 
 
 def test_sft_reports_the_share_of_d_sft_over_the_budget(tokenizer):
