@@ -247,7 +247,7 @@ def main(cfg):
     batches = {"--batch-problems": cfg.batch_problems, "--sft-batch": sft_batch}
     device = grpo.init_distributed(cfg.device, batches)
     out, t_start = grpo.start_run(cfg), time.time()
-    flags = changed_flags(cfg) or "the default, ~7 min on 2 CPU cores"
+    flags = changed_flags(cfg) or "the default, ~8 min on 2 CPU cores"
     print(f"HICRL experiment {cfg.exp} on {device}: {flags}")
     # --- models: the LL phi, p_ref = q = frozen phi_0; the HL theta, pi_SFT = frozen theta_0
     flag = "--ll-init" if cfg.ll_init else "--model"
