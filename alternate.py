@@ -218,10 +218,9 @@ def joint_step(ll, ref, prior, hl, sft_model, opts, tok, batch, cfg, idx, eos):
     return {**record, **hl_record, "hl_reward": r_hl.mean().item(), **ctx_stats}
 
 
-def contexts_without_hl(cfg, tok, problems, eval_problems):
+def contexts_without_hl(cfg, kind, tok, problems, eval_problems):
     """Contexts without an HL (retrieved, random; ICPO's random demonstrations), held to the HL's
-    budget: the training source, and the test contexts (drawn once, the same every round)."""
-    kind = context_kind(cfg)
+    budget: the training source of this kind, and the test contexts (drawn once for every round)."""
     hl_free = cfg.hl in ("retrieved", "random")
     pool = problems
     if hl_free or kind == "random":
@@ -274,7 +273,7 @@ def main(cfg):
         opts["hl"] = torch.optim.AdamW(hl.parameters(), lr=cfg.hl_lr, weight_decay=0.0)
     # --- contexts without an HL (retrieved, random), held to the HL's budget
     kind = context_kind(cfg)
-    source, test_ctxs = contexts_without_hl(cfg, tok, problems, eval_problems)
+    source, test_ctxs = contexts_without_hl(cfg, kind, tok, problems, eval_problems)
     test_hl = hl if cfg.context_at != "none" else None  # None without an HL
     run = Run(cfg, out, ll, tok, eos, eval_problems, test_hl, test_ctxs, t_start)
     start = grpo.load_checkpoint(out, models, opts) if cfg.resume else 0

@@ -804,8 +804,7 @@ def reduce_record(record):
 
 def merge_records(records):
     """One record from the ranks': counts and throughputs summed, memory and time maxima, a ratio
-    weighted by its denominator (WEIGHTED; else the ranks' equal shares), util_std pooled; NaNs
-    left out."""
+    weighted by its denominator (WEIGHTED; else equal shares), util_std pooled; NaNs left out."""
     weight_of = {k: n for n, keys in WEIGHTED.items() for k in keys}
     merged = {}
     for k in sorted(set().union(*records) - {"step"}):
@@ -818,8 +817,9 @@ def merge_records(records):
             merged[k] = sum(values)
         elif k in ("peak_mem_gb", "time"):
             merged[k] = max(values)
+        # no rank had a denominator (no context): their values alike, e.g. ctx_len 0
         elif total == 0:
-            merged[k] = math.nan
+            merged[k] = sum(values) / len(values)
         else:
             merged[k] = sum(v * w for v, w in pairs) / total
     # the std of all U~: E[U~^2] over every rank, minus the pooled mean squared

@@ -157,6 +157,9 @@ def test_two_ranks_log_what_one_process_logs(tokenizer):
     for key in ("util", "util_std", "util_clip", "util_logp_ctx", "util_logp_q", "n_ctx"):
         assert merged[key] == pytest.approx(whole[key], abs=1e-5), key
     assert merged["accepted"] == 3 and merged["acc"] == pytest.approx(0.75) and merged["time"] == 3
+    no_context = {"ctx_len": 0.0, "n_ctx": 0, "acc_ctx": float("nan")}  # what a step without contexts logs
+    merged = grpo.merge_records([no_context, no_context])
+    assert merged["ctx_len"] == 0.0 and merged["n_ctx"] == 0 and merged["acc_ctx"] != merged["acc_ctx"]
 
 
 def test_a_kill_while_truncating_the_metrics_keeps_them_whole(tmp_path, monkeypatch):
