@@ -25,27 +25,20 @@ EXPERIMENTS = {
     5: dict(hl="sft", context_at="train+test", ll_steps=4, hl_steps=1),  # both trained: HICRL
 }
 CONTEXT_AT = ["", "none", "test", "train+test"]
-HL_KINDS = ["", "none", "pretrained", "sft", "retrieved", "random"]
+HLS = ["", "none", "pretrained", "sft", "retrieved", "random"]
+PRIORS = ["init", "base", "self"]
 
 
 @dataclass
 class Config(grpo.Config):
     HIDDEN = ("steps", "save_every", "bonus_steps")
-    out: str = arg(
-        "runs/alternate", "run folder: config.json, metrics.jsonl, eval*, hl_sft/, ckpt/"
-    )
+    out: str = arg("runs/alternate", "run folder: config.json, metrics.jsonl, eval*, ckpt/")
     lam: float = arg(0.1, "lambda: weight of U~ in the LL's reward (0 = plain GRPO)", ge=0)
     tau: float = arg(1.0, "tau': symmetric clip of the utilisation log-ratio", gt=0)
     util_reduce: str = arg("mean", "U~ over the tokens: mean or sum", choices=["mean", "sum"])
-    prior: str = arg(
-        "init", "q: init (phi_0), base (--base-model), self", choices=["init", "base", "self"]
-    )
-    base_model: str = arg(
-        "", "--prior base: the pretrained model phi_0 came from (default: --model)"
-    )
-    icpo: bool = arg(
-        False, "train the LL by ICPO, the contexts (or random pairs) as demonstrations"
-    )
+    prior: str = arg("init", "q: init (phi_0), base (--base-model), self", choices=PRIORS)
+    base_model: str = arg("", "--prior base: the model phi_0 came from (default: --model)")
+    icpo: bool = arg(False, "train the LL by ICPO, contexts (or random pairs) as demos")
     n_off: int = arg(1, "ICPO: IEF rollouts per problem (<= G - 1)", ge=0)
     icpo_bonus: float = arg(0.5, "ICPO: expert bonus beta_E, annealed as beta_E (1 - t/T)", ge=0)
     gamma: float = arg(0.1, "ICPO: shaping f(p) = p / (p + gamma) on IEF tokens", gt=0)
@@ -63,9 +56,7 @@ class Config(grpo.Config):
     hl_temperature: float = arg(0.7, "HL sampling temperature in training (0 = 1)", ge=0)
     self_threshold: float = arg(0.9, "leakage guard: cosine that makes an example x", gt=0, le=1)
     exp: int = arg(5, "experiment 1-5 (EXPERIMENTS in alternate.py)", choices=[1, 2, 3, 4, 5])
-    hl: str = arg(
-        "", "contexts from: an HL, none, retrieved, random ('' = --exp's)", choices=HL_KINDS
-    )
+    hl: str = arg("", "contexts from an HL, none, retrieved, random ('' = --exp's)", choices=HLS)
     context_at: str = arg("", "where the LL sees contexts ('' = --exp's)", choices=CONTEXT_AT)
     rounds: int = arg(2, "T: rounds of (LL phase, HL phase)", ge=1)
     ll_steps: int = arg(-1, "LL steps per round (-1 = --exp's)", ge=-1)

@@ -294,9 +294,7 @@ def plot(folders, out_png, log=print):
 
 @dataclass
 class Config:
-    model: str = arg(
-        "smollm2", "the LL: smollm2, Qwen2.5-0.5B, a hub id, or a folder (OUT/ckpt/ll)"
-    )
+    model: str = arg("smollm2", "the LL: smollm2, Qwen2.5-0.5B, a hub id, a folder (OUT/ckpt/ll)")
     hl_model: str = arg("", "an HL folder (OUT/ckpt/hl): one greedy context per problem first")
     data: str = arg("math500", "a JSONL path, ops-test or ops-mix-test, or math500 (the hub)")
     limit: int = arg(0, "the first N problems only (0 = all)", ge=0)

@@ -1074,55 +1074,37 @@ def load_checkpoint(folder, models, optimizers):
 # --- 10. experiment 1: the GRPO training loop -----------------------------------------------------
 
 
+NORMS = ["seq", "token"]
+PRECISIONS = ["auto", "fp32", "bf16"]
+
+
 @dataclass
 class Config:
-    model: str = arg(
-        "smollm2", "LL: smollm2 (embedded default), Qwen2.5-0.5B, a hub id or a folder"
-    )
-    data: str = arg(
-        "ops", "training problems: a JSONL path, ops (built-in), math_train or math500 (hub)"
-    )
+    model: str = arg("smollm2", "LL: smollm2 (embedded), Qwen2.5-0.5B, a hub id, a folder")
+    data: str = arg("ops", "problems: a JSONL path, ops (built in), math_train (hub)")
     limit: int = arg(0, "use N training problems, drawn by --seed in file order (0 = all)", ge=0)
     steps: int = arg(30, "training steps (one batch of B problems x G rollouts each)", ge=1)
     batch_problems: int = arg(2, "B: problems per step", ge=1)
     group_size: int = arg(8, "G: rollouts per problem", ge=2)
     max_new_tokens: int = arg(64, "completion budget per rollout (tokens)", ge=1)
-    max_prompt_tokens: int = arg(
-        1024, "a longer prompt's problem or context is dropped, counted", ge=1
-    )
-    temperature: float = arg(
-        1.0, "sampling temperature (0 = greedy); log-probs use the same T", ge=0
-    )
+    max_prompt_tokens: int = arg(1024, "a longer prompt's problem or context: dropped", ge=1)
+    temperature: float = arg(1.0, "sampling temperature (0 = greedy), log-probs' too", ge=0)
     lr: float = arg(1e-5, "AdamW learning rate", gt=0)
-    beta: float = arg(
-        0.04, "beta_LL: weight of the k3 KL to the frozen initial model (0 = none)", ge=0
-    )
+    beta: float = arg(0.04, "beta_LL: weight of the k3 KL to p_ref = phi_0 (0 = none)", ge=0)
     clip_eps: float = arg(0.2, "PPO clip range epsilon", gt=0)
     updates: int = arg(1, "optimiser steps per batch (1 = on-policy, rho = 1)", ge=1)
     micro_batch: int = arg(8, "rows per forward/backward, gradients accumulated (0 = all)", ge=0)
-    loss_norm: str = arg(
-        "seq",
-        "seq: per-sequence mean (GRPO); token: a constant (Dr. GRPO)",
-        choices=["seq", "token"],
-    )
+    loss_norm: str = arg("seq", "seq: per-sequence mean; token: Dr. GRPO's", choices=NORMS)
     scale_by_std: bool = arg(False, "divide advantages by the group std (GRPO as published)")
-    format_bonus: float = arg(
-        0.0, "extra reward for any \\boxed{} (gameable; tiny-model demos)", ge=0
-    )
+    format_bonus: float = arg(0.0, "extra reward for any \\boxed{} (gameable)", ge=0)
     grad_clip: float = arg(1.0, "max gradient norm (0 = no clipping)", ge=0)
     seed: int = arg(0, "seed for data order, sampling and init", ge=0)
     save_every: int = arg(10, "checkpoint every N steps and at the end (0 = only at the end)", ge=0)
-    out: str = arg(
-        "runs/grpo", "run folder: config.json, metrics.jsonl, ckpt/ (the LL in ckpt/policy)"
-    )
+    out: str = arg("runs/grpo", "run folder: config.json, metrics.jsonl, ckpt/policy (the LL)")
     resume: str = arg("", "continue the run in this folder from its last checkpoint")
     overwrite: bool = arg(False, "replace the run already in --out")
     device: str = arg("", "cuda / cpu (default: cuda when available)")
-    precision: str = arg(
-        "auto",
-        "auto: bf16 on a GPU; bf16: fp32 weights, bf16 autocast",
-        choices=["auto", "fp32", "bf16"],
-    )
+    precision: str = arg("auto", "auto: bf16 on a GPU (fp32 weights, autocast)", choices=PRECISIONS)
     grad_ckpt: bool = arg(False, "gradient checkpointing: recompute each decoder layer in backward")
 
 
