@@ -125,17 +125,16 @@ def drop_overlap(problems, held):
 
 
 def within_budget(tokenizer, pool, max_tokens):
-    """The pool problems whose worked example and EOS fit the HL's budget (as D_SFT's targets must);
-    dropped, counted."""
-    kept = [
-        p
-        for p in pool
-        if len(encode(tokenizer, format_context(as_example(p)), target=True)) < max_tokens
-    ]
+    """The pool problems whose worked example and EOS fit the HL's budget, the rule of D_SFT's
+    targets in sft; the others dropped, counted."""
+    kept = []
+    for p in pool:
+        target = encode(tokenizer, format_context(as_example(p)), target=True)
+        if len(target) + 1 <= max_tokens:  # + the EOS
+            kept.append(p)
+    dropped = len(pool) - len(kept)
     print(
-        f"contexts without an HL: {len(pool) - len(kept)} of {len(pool)} training examples "
-        "dropped: longer than "
-        f"--max-context-tokens {max_tokens}"
+        f"contexts without an HL: {dropped} of {len(pool)} examples over {max_tokens} tokens dropped"
     )
     return kept or sys.exit(f"no training example fits --max-context-tokens {max_tokens}: raise it")
 
