@@ -1,8 +1,6 @@
-"""
-alternate.py: hierarchical in-context RL (README "The method", 5), the five experiments and every
-ablation: `python alternate.py [--exp N] [--resume DIR]`. Each round: LL steps with the HL's
-contexts, HL steps against the fixed LL, then an evaluation and a checkpoint.
-"""
+"""alternate.py: hierarchical in-context RL (README "The method", 5), the five experiments and every
+ablation: `python alternate.py [--exp N]`. Each round: LL steps with the HL's contexts, HL steps
+against the fixed LL, an evaluation and a checkpoint."""
 
 import os
 import time
@@ -13,7 +11,7 @@ import torch
 import context_grpo
 import grpo
 import hl_generator
-from eval_math500 import evaluate, print_summary
+from eval_math500 import before_after, evaluate, print_summary
 from grpo import arg
 
 # what --exp sets; each overridable. --hl retrieved / random: contexts without an HL
@@ -77,34 +75,25 @@ class Config(grpo.Config):
     lr: float = arg(3e-5, "LL learning rate (AdamW); the MATH commands use 1e-5", gt=0)
 
     def check(self):
-        """Contradictory flags, once --exp has filled in its defaults: one message before anything
-        loads."""
+        """Contradictory flags, once --exp set its defaults: one message before anything loads."""
         d = experiment_defaults(self)
         self.bonus_steps = self.bonus_steps or self.rounds * max(d["ll_steps"], 1)  # ICPO's T
         self.eval_data = self.eval_data or grpo.HELDOUT.get(self.data, "math500")
-        no_hl = d["hl"] == "none" and (d["hl_steps"] > 0 or self.joint or d["context_at"] != "none")
-        unused = d["hl"] != "none" and d["context_at"] == "none"
-        frozen = self.exp in (2, 4) and d["ll_steps"] > 0
-        joint = self.joint and (
-            self.icpo or not d["ll_steps"] or d["hl"] not in ("pretrained", "sft")
-        )
-        if no_hl:
+        if d["hl"] == "none" and (d["hl_steps"] > 0 or self.joint or d["context_at"] != "none"):
             raise SystemExit("--hl none: no contexts and no HL to train (--hl-steps 0, no --joint)")
-        if unused:
+        if d["hl"] != "none" and d["context_at"] == "none":
             raise SystemExit(
-                f"--hl {d['hl']} with --context-at none: its contexts would be used nowhere "
-                "(pass --hl none, or --context-at test or train+test)"
+                f"--hl {d['hl']} with --context-at none: its contexts would be used nowhere"
             )
-        if frozen:
+        if self.exp in (2, 4) and d["ll_steps"] > 0:
             raise SystemExit(f"--exp {self.exp} keeps the LL frozen")
-        if joint:
+        if self.joint and (self.icpo or not d["ll_steps"] or d["hl"] not in ("pretrained", "sft")):
             raise SystemExit("--joint needs an HL, LL steps, and no --icpo")
         context_grpo.check_flags(self)
 
 
 def experiment_defaults(cfg):
-    """The fields --exp sets where left at '' / -1; --frozen-ll: 0 LL steps; --joint or no HL: 0 HL
-    steps."""
+    """--exp's fields where left at '' / -1 (--frozen-ll: no LL step; --joint, no HL: no HL step)"""
     d = {}
     for k, v in EXPERIMENTS[cfg.exp].items():
         d[k] = v if getattr(cfg, k) in ("", -1) else getattr(cfg, k)
@@ -116,8 +105,7 @@ def experiment_defaults(cfg):
 
 
 def changed_flags(cfg):
-    """The flags that differ from the defaults of cfg's experiment, "name=value, ..." (the
-    report's)."""
+    """The flags that differ from the defaults of cfg's experiment: "name=value, ..."."""
     base = {**asdict(Config()), **experiment_defaults(Config(exp=cfg.exp))}
     base["eval_data"] = grpo.HELDOUT.get(cfg.data, "math500")
     skip = {"out", "resume", "overwrite", "device", "exp", *Config.HIDDEN}
@@ -125,55 +113,16 @@ def changed_flags(cfg):
     return ", ".join(changed)
 
 
-def context_kind(cfg):
-    """Where the LL's training contexts come from: the HL, retrieved, random (also ICPO's
-    demonstrations without an HL's), or none."""
-    if cfg.hl != "none" and cfg.context_at == "train+test":
-        return "hl" if cfg.hl in ("pretrained", "sft") else cfg.hl
-    return "random" if cfg.icpo else "none"
-
-
-def budget_warnings(cfg, tok, problems, eval_problems):
-    """What makes a run learn nothing, said before it starts: most reference solutions longer than
-    the answer budget (answers are cut before their box: R_task ~0)."""
-    eval_flag = "--eval-max-new-tokens" if cfg.eval_max_new_tokens else "--max-new-tokens"
-    checks = [(problems, "--max-new-tokens", cfg.max_new_tokens)]
-    checks.append((eval_problems, eval_flag, cfg.eval_max_new_tokens or cfg.max_new_tokens))
-    found = {}  # one line per flag
-    for rows, flag, budget in checks:
-        lengths = [
-            len(grpo.encode(tok, p["solution"], target=True))
-            for p in rows[:200]
-            if p.get("solution")
-        ]
-        median = sorted(lengths)[len(lengths) // 2] if lengths else 0
-        if median > budget:
-            found.setdefault(
-                flag,
-                f"WARNING: the median reference solution is {median} tokens, over {flag} "
-                f"{budget}: answers are cut before their \\boxed{{}}, nothing is learnt; "
-                f"pass a larger {flag} (MATH: 512)",
-            )
-    for w in found.values():
-        print(w)
-    return list(found.values())
-
-
 def load_hl(cfg, tok, problems, held, out, device):
-    """theta_0: the pretrained HL, --hl-init, or SFT on D_SFT, saved whole to OUT/hl_sft and reused
-    on resume. Returns (the HL, a warning when SFT dropped most of D_SFT, else None)."""
+    """theta_0: the pretrained HL, --hl-init, or SFT on D_SFT (saved whole to OUT/hl_sft, reused on
+    resume). Returns (the HL, a warning when SFT dropped most of D_SFT, or None)."""
     sft_dir = os.path.join(out, "hl_sft")
     sft = cfg.hl == "sft" and not cfg.hl_init
     done = sft and os.path.exists(os.path.join(sft_dir, "config.json"))
-    if done:
-        print(f"theta_0: the SFT'd HL already in {sft_dir}")
-    else:
-        print(f"theta_0: {'SFT on D_SFT' if sft else 'as loaded'}")
     path = sft_dir if done else cfg.hl_init or cfg.hl_model or cfg.model
-    flag = "--hl-init or --hl-model"
-    hl, _ = grpo.load_model(
-        path, device, trainable=True, precision=cfg.precision, grad_ckpt=cfg.grad_ckpt, flag=flag
-    )
+    print(f"theta_0: {path}" + (", then SFT on D_SFT" if sft and not done else ""))
+    setting = dict(precision=cfg.precision, grad_ckpt=cfg.grad_ckpt, flag="--hl-init or --hl-model")
+    hl, _ = grpo.load_model(path, device, trainable=True, **setting)
     warning = None
     if sft and not done:
         pairs = hl_generator.build_sft_pairs(problems, held, cfg.self_threshold)
@@ -195,35 +144,36 @@ def load_hl(cfg, tok, problems, held, out, device):
 def joint_step(ll, ref, prior, hl, sft_model, opts, tok, batch, cfg, idx, eos):
     """--joint: contexts sampled once; the LL updated on its rollouts with them, the HL on R_HL of
     the same rollouts."""
-    ctx, hl_prompts, hl_comps, ctx_stats = hl_generator.hl_contexts(
-        hl, tok, batch, cfg.group_size, cfg, eos, "ctx", idx
+    G = cfg.group_size
+    ctx, hl_prompts, hl_comps, stats = hl_generator.hl_contexts(
+        hl, tok, batch, G, cfg, eos, "ctx", idx
     )
     record, roll = context_grpo.ll_step(ll, ref, prior, opts["ll"], tok, batch, ctx, cfg, idx, eos)
     ll_logp, mask = grpo.pad_completions(roll.sampler_logp, value=0.0)
-    r_task = roll.acc + cfg.format_bonus * roll.wrote_box
-    r_hl = hl_generator.hl_reward(r_task, ll_logp, mask, cfg.alpha)
-    hl_stats = hl_generator.hl_update(
-        hl, sft_model, opts["hl"], hl_prompts, hl_comps, r_hl, cfg, cfg.group_size
-    )
+    r_hl = hl_generator.hl_reward(roll.r_task, ll_logp, mask, cfg.alpha)
+    hl_stats = hl_generator.hl_update(hl, sft_model, opts["hl"], hl_prompts, hl_comps, r_hl, cfg, G)
     hl_record = {f"hl_{k}": v for k, v in hl_stats.items()}
-    return {**record, **hl_record, "hl_reward": r_hl.mean().item(), **ctx_stats}
+    return {**record, **hl_record, "hl_reward": r_hl.mean().item(), **stats}
 
 
-def contexts_without_hl(cfg, kind, tok, problems, eval_problems):
-    """Contexts without an HL (retrieved, random; ICPO's random demonstrations), held to the HL's
-    budget: the training source of this kind, and the test contexts (drawn once for every round)."""
+def contexts_without_hl(cfg, tok, problems, eval_problems):
+    """Where the LL's training contexts come from (hl, retrieved, random: also ICPO's demonstrations
+    without an HL, none), the source of those without an HL, and the test contexts without one."""
+    kind = "random" if cfg.icpo else "none"
+    if cfg.hl != "none" and cfg.context_at == "train+test":
+        kind = "hl" if cfg.hl in ("pretrained", "sft") else cfg.hl
     hl_free = cfg.hl in ("retrieved", "random")
     pool = problems
-    if hl_free or kind == "random":
+    if hl_free or kind == "random":  # held to the HL's budget
         pool = hl_generator.within_budget(tok, problems, cfg.max_context_tokens)
     source = hl_generator.context_source(kind, pool, problems, cfg.seed, cfg.self_threshold)
     test_ctxs = None
-    if hl_free and cfg.context_at != "none":
-        test_source = hl_generator.context_source(
+    if hl_free and cfg.context_at != "none":  # drawn once, the same every round
+        test = hl_generator.context_source(
             cfg.hl, pool, eval_problems, cfg.seed, cfg.self_threshold
         )
-        test_ctxs = [c[0] for c in test_source(eval_problems, 1, 0, "test")]
-    return source, test_ctxs
+        test_ctxs = [c[0] for c in test(eval_problems, 1, 0, "test")]
+    return kind, source, test_ctxs
 
 
 def main(cfg):
@@ -240,21 +190,14 @@ def main(cfg):
     flags = changed_flags(cfg) or "the default, ~8 min on 2 CPU cores"
     print(f"HICRL experiment {cfg.exp} on {device}: {flags}")
     # --- models: the LL phi, p_ref = q = frozen phi_0; the HL theta, pi_SFT = frozen theta_0
+    setting = dict(precision=cfg.precision, grad_ckpt=cfg.grad_ckpt)
     flag = "--ll-init" if cfg.ll_init else "--model"
-    ll, tok = grpo.load_model(
-        cfg.ll_init or cfg.model,
-        device,
-        trainable=True,
-        precision=cfg.precision,
-        grad_ckpt=cfg.grad_ckpt,
-        flag=flag,
-    )
+    ll, tok = grpo.load_model(cfg.ll_init or cfg.model, device, True, flag=flag, **setting)
     ref, prior = context_grpo.make_prior(ll, cfg)  # copied before a resume loads phi_t
     models = {"ll": ll}
     opts = {"ll": torch.optim.AdamW(ll.parameters(), lr=cfg.lr, weight_decay=0.0)}
-    problems = grpo.fit_prompts(tok, problems, cfg.max_prompt_tokens)
     eos = grpo.eos_token_ids(ll, tok)
-    warnings = budget_warnings(cfg, tok, problems, eval_problems)
+    warnings = context_grpo.budget_warnings(cfg, tok, problems, eval_problems)
     hl, sft_model = None, None
     if cfg.hl in ("pretrained", "sft"):
         hl, warning = load_hl(cfg, tok, problems, eval_all, out, device)
@@ -262,9 +205,7 @@ def main(cfg):
         sft_model = grpo.frozen_copy(hl)  # pi_SFT (the pretrained HL itself in experiments 2, 3)
         models["hl"] = hl
         opts["hl"] = torch.optim.AdamW(hl.parameters(), lr=cfg.hl_lr, weight_decay=0.0)
-    # --- contexts without an HL (retrieved, random), held to the HL's budget
-    kind = context_kind(cfg)
-    source, test_ctxs = contexts_without_hl(cfg, kind, tok, problems, eval_problems)
+    kind, source, test_ctxs = contexts_without_hl(cfg, tok, problems, eval_problems)
     test_hl = hl if cfg.context_at != "none" else None  # None without an HL
     run = Run(cfg, out, ll, tok, eos, eval_problems, test_hl, test_ctxs, t_start)
     start = grpo.load_checkpoint(out, models, opts) if cfg.resume else 0
@@ -276,7 +217,7 @@ def main(cfg):
         print("".join(w + "\n" for w in warnings), end="")
         return grpo.save_checkpoint(out, 0, models, opts, tok)
     for t in range(start, cfg.rounds):
-        # --- 1. the LL phase, the HL fixed
+        # --- 1. the LL phase, the HL fixed: each rollout's context from the HL, or `source`
         for k in range(cfg.ll_steps):
             idx = t * cfg.ll_steps + k
             batch = run.draw(problems, idx, "data")
@@ -324,13 +265,12 @@ class Run:
 
     def draw(self, problems, idx, purpose):
         """This rank's share of step idx's problems, from the LL's ("data") or the HL's stream."""
-        indices = grpo.batch_indices(
-            len(problems), self.cfg.batch_problems, idx, self.cfg.seed, purpose
-        )
+        cfg = self.cfg
+        indices = grpo.batch_indices(len(problems), cfg.batch_problems, idx, cfg.seed, purpose)
         return grpo.my_share([problems[i] for i in indices])
 
     def ll_step(self, ref, prior, optimizer, batch, contexts, idx):
-        """One LL update with these contexts: ICPO's (--icpo) or context-conditioned GRPO's."""
+        """One LL update with these contexts (context_grpo.ll_round_step)."""
         args = (self.ll, ref, prior, optimizer, self.tok, batch, contexts, self.cfg, idx, self.eos)
         return context_grpo.ll_round_step(*args)[0]
 
@@ -345,29 +285,15 @@ class Run:
             context_grpo.print_record(prefix, {**record, "step": k + 1}, steps)
 
     def evaluate(self, t):
-        """Accuracy on the held-out problems, with the contexts at test time: eval.json,
-        metrics.jsonl."""
+        """Accuracy on the held-out problems with the test contexts: eval.json, metrics.jsonl."""
         cfg = self.cfg
-        s = evaluate(
-            self.ll,
-            self.tok,
-            self.eval_problems,
-            self.eos,
-            self.test_hl,
-            contexts=self.test_ctxs,
-            max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-            max_context_tokens=cfg.max_context_tokens,
-            self_threshold=cfg.self_threshold,
-            seed=cfg.seed,
-            out_file=f"{self.out}/eval_round{t + 1}.jsonl",
-        )
+        settings = replace(cfg, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens)
+        out_file = f"{self.out}/eval_round{t + 1}.jsonl"
+        where = dict(hl=self.test_hl, contexts=self.test_ctxs, out_file=out_file)
+        s = evaluate(self.ll, self.tok, self.eval_problems, self.eos, settings, **where)
         print_summary(s)
-        s.update(
-            rounds=t + 1,
-            wall_clock=time.time() - self.t_start,
-            exp=cfg.exp,
-            flags=changed_flags(cfg),
-        )
+        s.update(rounds=t + 1, exp=cfg.exp, flags=changed_flags(cfg))
+        s["wall_clock"] = time.time() - self.t_start
         self.log("eval", t, {k: v for k, v in s.items() if not isinstance(v, (dict, str))})
         grpo.write_json(os.path.join(self.out, "eval.json"), s)
 
@@ -377,34 +303,6 @@ class Run:
         if not os.path.exists(path):
             return []
         return [r for r in grpo.read_jsonl(path) if r["phase"] == "eval"]
-
-
-def before_after(evals, with_contexts):
-    """The closing verdict: round 0 against the last evaluation, made on the same problems and
-    budget."""
-    first, last = evals[0], evals[-1]
-    if first["step"] != 0:
-        return f"before/after: no round-0 evaluation to compare round {last['step']} with"
-    settings = lambda r: (r["eval/n"], r.get("eval/max_new_tokens"))  # noqa: E731
-    if settings(first) != settings(last):
-        return (
-            f"before/after: round 0 was evaluated on {first['eval/n']} problems at "
-            f"{first.get('eval/max_new_tokens')} tokens, round {last['step']} on "
-            f"{last['eval/n']} at "
-            f"{last.get('eval/max_new_tokens')}: not compared"
-        )
-    # noqa: E731
-    acc = lambda r: f"{r['eval/acc']:.3f} [{r['eval/ci_low']:.3f}, {r['eval/ci_high']:.3f}]"
-    apart = last["eval/ci_low"] > first["eval/ci_high"]
-    verdict = "a gain: intervals apart" if apart else "intervals overlap"
-    line = (
-        f"before/after: accuracy {acc(first)} at round 0 -> {acc(last)} "
-        f"after round {last['step']} on "
-        f"{last['eval/n']} problems at {last['eval/max_new_tokens']} tokens: {verdict}"
-    )
-    if with_contexts:
-        line += f"; contexts that carried the answer: {last['eval/ctx_has_answer']:.2f}"
-    return line
 
 
 if __name__ == "__main__":

@@ -12,14 +12,7 @@ from dataclasses import replace
 import torch
 
 import grpo
-from grpo import (
-    encode,
-    fit_contexts,
-    format_context,
-    format_prompt,
-    pad_completions,
-    sequence_logprobs,
-)
+from grpo import encode, format_context, format_prompt, pad_completions, sequence_logprobs
 from math_reward import carries_answer, right_operator_rate
 
 # --- 1. the utilisation reward --------------------------------------------------------------------
@@ -54,7 +47,6 @@ def utilisation(prior, tokenizer, batch, contexts, completions, sampler_logp, cf
     u = utilization_reward(lp_ctx, lp_q, mask, cfg.tau, cfg.util_reduce)
     stats = {
         "util": u.mean().item(),
-        "util_std": u.std(unbiased=False).item(),
         "util_clip": (u.abs() >= cfg.tau).float().mean().item(),
         "util_logp_ctx": grpo.masked_mean(lp_ctx, mask).item(),  # its two halves, per-token means:
         "util_logp_q": grpo.masked_mean(lp_q, mask).item(),  # the context's, or drift from q
@@ -66,35 +58,36 @@ def utilisation(prior, tokenizer, batch, contexts, completions, sampler_logp, cf
 
 
 def ll_step(model, ref_model, prior, optimizer, tokenizer, batch, contexts, cfg, step, eos):
-    """One LL update: rollouts with contexts, r = R_task + lambda U~, GRPO with the context. At
-    lambda = 0 it is grpo.grpo_step on the same rollouts. Returns (record, rollouts)."""
-    contexts, dropped = fit_contexts(tokenizer, batch, contexts, cfg.max_prompt_tokens)
-    roll = grpo.rollouts(model, tokenizer, batch, contexts, cfg, step, eos)
-    u = torch.zeros(len(roll.rewards))
+    """One LL update: rollouts with contexts, r = R_task + lambda U~, GRPO with the context (at
+    lambda = 0 it is grpo.grpo_step on the same rollouts). Returns (record, rollouts)."""
+    t0 = time.time()
+    seed = grpo.stream_seed(cfg.seed, "ll", step)
+    roll = grpo.rollouts(model, tokenizer, batch, contexts, cfg, eos, seed)
+    u = torch.zeros(len(roll.r_task))
     util_stats = {}
     if prior is not None:
         u, util_stats = utilisation(
             prior, tokenizer, batch, contexts, roll.completions, roll.sampler_logp, cfg
         )
-    rewards = roll.rewards + cfg.lam * u  # r_i = R_task + lambda * U~_i
+    rewards = roll.r_task + cfg.lam * u  # r_i = R_task + lambda * U~_i
     adv = grpo.group_advantages(rewards, cfg.group_size, cfg.scale_by_std)
-    record = grpo.update_and_record(model, ref_model, optimizer, roll, rewards, adv, cfg, step, eos)
+    stats = grpo.ll_update(model, ref_model, optimizer, roll, adv, cfg)
+    record = grpo.step_record(roll, rewards, stats, cfg.group_size, eos, t0)
     record.update(util_stats)
-    record.update(context_stats(tokenizer, batch, contexts, roll.acc), ctx_dropped=dropped)
-    record["reward_task"] = roll.rewards.mean().item()
-    return record, replace(roll, rewards=rewards)
+    record.update(context_stats(tokenizer, batch, contexts, roll.r_task))
+    return record, roll
 
 
-def context_stats(tokenizer, batch, contexts, acc):
-    """What the contexts were: how many, how long, the accuracy with one, how many carried x's
-    answer, and on the ops tasks how many had x's operator."""
+def context_stats(tokenizer, batch, contexts, r_task):
+    """The contexts: how many, how long, R_task with one, the share that carried x's answer, and
+    on the ops tasks the share with x's operator."""
     given = [c for cs in contexts for c in cs if c is not None]
     has = torch.tensor([c is not None for cs in contexts for c in cs])
     leaks = [carries_answer(c, p["answer"]) for p, cs in zip(batch, contexts) for c in cs if c]
     lengths = [len(encode(tokenizer, format_context(c), target=True)) for c in given]
     nan = float("nan")
     return {
-        "acc_ctx": acc[has].mean().item() if has.any() else nan,
+        "acc_ctx": r_task[has].mean().item() if has.any() else nan,
         "ctx_len": sum(lengths) / len(given) if given else 0.0,
         "ctx_frac": len(given) / len(has),
         "n_ctx": len(given),
@@ -104,65 +97,70 @@ def context_stats(tokenizer, batch, contexts, acc):
 
 
 def ll_round_step(model, ref_model, prior, optimizer, tokenizer, batch, contexts, cfg, step, eos):
-    """The LL update of a round: ICPO with the contexts as its demonstrations (--icpo), else
-    ll_step."""
+    """The LL update of a round: ICPO, the contexts its demonstrations (--icpo), or ll_step."""
     if cfg.icpo:
         return icpo_step(model, ref_model, optimizer, tokenizer, batch, contexts, cfg, step, eos)
     return ll_step(model, ref_model, prior, optimizer, tokenizer, batch, contexts, cfg, step, eos)
 
 
-def print_record(prefix, r, total):
-    """One line per step; a rate that is NaN (nothing to count) is left out."""
-    rates = (
-        "util",
-        "util_clip",
-        "accepted",
-        "demo_missing",
-        "parse_rate",
-        "ctx_self",
-        "ctx_has_answer",
-    )
-    extra = "".join(f" {k} {r[k]:.3f}" for k in (*rates, "ctx_right_op") if k in r and r[k] == r[k])
-    print(
-        f"{prefix} {r['step']}/{total} | reward {r['reward']:.3f} acc {r['acc']:.3f} "
-        f"boxed {r['boxed']:.2f}"
-        f"{extra} | len {r['len']:.0f} fin {r['finished']:.2f} | zero-var {r['zero_var']:.2f} | "
-        f"kl {r['kl']:.4f} clip {r['clip_frac']:.3f} | "
-        f"loss {r['loss']:+.4f} gnorm {r['grad_norm']:.2f} | "
-        f"{r['time']:.1f}s"
-    )
+SHOWN = (
+    "reward acc boxed util util_clip accepted demo_missing parse_rate ctx_self ctx_has_answer "
+    "ctx_right_op len finished zero_var kl clip_frac loss grad_norm time"
+).split()
+
+
+def print_record(prefix, record, total):
+    """One line per step: the SHOWN numbers it has (a NaN rate, nothing to count, left out)."""
+    shown = [f"{k} {record[k]:.4g}" for k in SHOWN if k in record and record[k] == record[k]]
+    print(f"{prefix} {record['step']}/{total} | " + " ".join(shown))
+
+
+def budget_warnings(cfg, tok, problems, eval_problems):
+    """What makes a run learn nothing, said before it starts: a median reference solution longer
+    than an answer budget (answers cut before their box: R_task ~0). One line per flag."""
+    eval_flag = "--eval-max-new-tokens" if cfg.eval_max_new_tokens else "--max-new-tokens"
+    checks = [(problems, "--max-new-tokens", cfg.max_new_tokens)]
+    checks.append((eval_problems, eval_flag, cfg.eval_max_new_tokens or cfg.max_new_tokens))
+    warnings = {}
+    for rows, flag, budget in checks:
+        solutions = [p["solution"] for p in rows[:200] if p.get("solution")]
+        lengths = sorted(len(grpo.encode(tok, s, target=True)) for s in solutions)
+        median = lengths[len(lengths) // 2] if lengths else 0
+        if median > budget and flag not in warnings:
+            warnings[flag] = (
+                f"WARNING: the median reference solution is {median} tokens, over {flag} {budget}: "
+                f"answers are cut before their \\boxed{{}}; pass a larger {flag} (MATH: 512)"
+            )
+            print(warnings[flag])
+    return list(warnings.values())
 
 
 def check_flags(cfg):
     """The LL's flags that contradict each other: one message before anything loads."""
-
-    def path(name):
-        return "smollm2" if name in ("", "smollm2") else os.path.realpath(grpo.resolve_model(name))
-
     if cfg.icpo and cfg.n_off > cfg.group_size - 1:
         raise SystemExit(
-            "--n-off: at most --group-size - 1 (an accepted IEF rollout replaces an on-policy one)"
+            "--n-off: at most --group-size - 1 (an IEF rollout replaces an on-policy one)"
         )
-    same = path(cfg.base_model or cfg.model) == path(cfg.ll_init or cfg.model)
+    same = model_path(cfg.base_model or cfg.model) == model_path(cfg.ll_init or cfg.model)
     if cfg.prior == "base" and not cfg.icpo and same:
         raise SystemExit(
-            "--prior base: the base model is phi_0, q would be --prior init's: pass --base-model"
+            "--prior base: the base model is phi_0, q would be init's: pass --base-model"
         )
+
+
+def model_path(name):
+    return "smollm2" if name in ("", "smollm2") else os.path.realpath(grpo.resolve_model(name))
 
 
 def make_prior(model, cfg):
-    """(p_ref, q): p_ref = phi_0 frozen (None at --beta 0); q = init: that same frozen phi_0 (one
-    copy, made before a resume loads phi_t), base: the pretrained --base-model, self: the LL (no
-    gradient)."""
+    """(p_ref, q): p_ref = phi_0 frozen (None at --beta 0); q = init: that same frozen phi_0 (copied
+    before a resume loads phi_t), base: the pretrained --base-model, self: the LL (no gradient)."""
     phi0 = grpo.frozen_copy(model) if cfg.beta > 0 or cfg.prior == "init" else None
     if cfg.prior == "base":
         flag = "--base-model" if cfg.base_model else "--model"
+        name = cfg.base_model or cfg.model
         q, _ = grpo.load_model(
-            cfg.base_model or cfg.model,
-            model.device,
-            trainable=True,
-            precision=cfg.precision,
-            flag=flag,
+            name, model.device, trainable=True, flag=flag, precision=cfg.precision
         )
         q.eval().requires_grad_(False)
     elif cfg.prior == "init":
@@ -237,75 +235,46 @@ def icpo_loss_fn(is_off, cfg):
     return loss_fn
 
 
-def icpo_rollouts(model, tokenizer, batch, demos, cfg, step, eos):
-    """G on-policy rollouts y ~ p(. | x) per problem, then one IEF rollout y ~ p(. | [D; x]) per
-    demonstration D, scored; every row's prompt for training is x WITHOUT D. Returns (rollouts:
-    the B*G on-policy rows then the IEF rows, the problem of each IEF row)."""
+def icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, step, eos):
+    """One ICPO step: G on-policy rollouts y ~ p(. | x) and an IEF rollout y ~ p(. | [D; x]) per
+    demonstration D (demos: per problem, None = none), ERRS, the annealed bonus, (r - mean) / std
+    over the mixed group, icpo_loss with every row's log-probs taken WITHOUT D."""
     t0 = time.time()
     G = cfg.group_size
-    plain = [encode(tokenizer, format_prompt(tokenizer, p["problem"])) for p in batch]
-    off_problem = [b for b, ds in enumerate(demos) for d in ds if d is not None]
-    off_demos = [d for ds in demos for d in ds if d is not None]
-    guided = []
-    for b, d in zip(off_problem, off_demos):
-        guided.append(encode(tokenizer, format_prompt(tokenizer, batch[b]["problem"], d)))
-    on_prompts = [plain[b] for b in range(len(batch)) for _ in range(G)]
-    seed = grpo.stream_seed(cfg.seed, "ll", step)
-    completions, sampler_logp = grpo.generate(
-        model, on_prompts + guided, cfg.max_new_tokens, cfg.temperature, eos, seed=seed
-    )
-    t_sample = time.time() - t0
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    golds = [p["answer"] for p in batch for _ in range(G)]
-    golds += [batch[b]["answer"] for b in off_problem]
-    rewards, acc, boxed, wrote = grpo.score(texts, golds, cfg.format_bonus)
-    prompts = on_prompts + [plain[b] for b in off_problem]
-    roll = grpo.Rollouts(
-        prompts, completions, sampler_logp, texts, rewards, acc, boxed, wrote, t0, t_sample
-    )
-    return roll, off_problem
-
-
-def icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, step, eos):
-    """One ICPO step: on-policy and IEF rollouts (icpo_rollouts; demos: per problem, None = none),
-    ERRS, the annealed bonus, (r - mean) / std over the mixed group, icpo_loss."""
-    G = cfg.group_size
     n_on = len(batch) * G
-    demos = fit_contexts(tokenizer, batch, demos, cfg.max_prompt_tokens)[0]
-    sampled, off_problem = icpo_rollouts(model, tokenizer, batch, demos, cfg, step, eos)
+    off_problem = [b for b, ds in enumerate(demos) for d in ds if d is not None]
+    # the B*G on-policy rows, then the IEF rows
+    problems = batch + [batch[b] for b in off_problem]
+    contexts = [[None] * G for _ in batch] + [[d] for ds in demos for d in ds if d is not None]
+    seed = grpo.stream_seed(cfg.seed, "ll", step)
+    sampled = grpo.rollouts(model, tokenizer, problems, contexts, cfg, eos, seed)
     # 1. ERRS: a correct IEF rollout replaces an on-policy one of its own group
-    correct = [a >= cfg.delta for a in sampled.acc[n_on:].tolist()]
+    correct = [a >= cfg.delta for a in sampled.r_task[n_on:].tolist()]
     replaced, rejected = errs_merge(off_problem, correct, len(batch), G)
     src = [n_on + replaced[i] if i in replaced else i for i in range(n_on)]  # row -> sampled row
     is_off = torch.tensor([i >= n_on for i in src])
     # 2. the annealed bonus on the accepted IEF rows, 3. (r - mean) / std over the mixed group
     bonus = expert_bonus(cfg.icpo_bonus, step, cfg.bonus_steps)
-    rewards = sampled.rewards[src] + bonus * is_off.float()
+    rewards = sampled.r_task[src] + bonus * is_off.float()
     adv = grpo.group_advantages(rewards, G, scale_by_std=True)
+    plain = sampled.prompt_ids[:n_on:G]  # each problem's prompt x without D
     roll = replace(
         sampled,
-        prompt_ids=[sampled.prompt_ids[i] for i in src],
+        prompt_ids=[plain[i // G] for i in range(n_on)],
         completions=[sampled.completions[i] for i in src],
         sampler_logp=[sampled.sampler_logp[i] for i in src],
-        texts=[sampled.texts[i] for i in src],
-        rewards=rewards,
-        acc=sampled.acc[src],
+        r_task=sampled.r_task[src],
         boxed=sampled.boxed[src],
-        wrote_box=sampled.wrote_box[src],
     )
-
-    loss_fn = icpo_loss_fn(is_off, cfg)  # 4. icpo_loss on the merged group
-    record = grpo.update_and_record(
-        model, ref_model, optimizer, roll, rewards, adv, cfg, step, eos, loss_fn
-    )
-    n_sampled = sum(map(len, sampled.completions))
+    # 4. icpo_loss on the merged group
+    stats = grpo.ll_update(model, ref_model, optimizer, roll, adv, cfg, icpo_loss_fn(is_off, cfg))
+    record = grpo.step_record(roll, rewards, stats, G, eos, t0)
     record.update(
-        acc_on=sampled.acc[:n_on].mean().item(),
-        acc_ief=sampled.acc[n_on:].mean().item() if off_problem else float("nan"),
+        acc_on=sampled.r_task[:n_on].mean().item(),
+        acc_ief=sampled.r_task[n_on:].mean().item() if off_problem else float("nan"),
         accepted=len(replaced),
         rejected=rejected,
         bonus=bonus,
-        sample_tok_s=n_sampled / sampled.t_sample,
         n_ief=len(off_problem),
         demo_missing=sum(map(len, demos)) - len(off_problem),
         ctx_right_op=right_operator_rate(batch, demos),

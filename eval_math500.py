@@ -1,7 +1,5 @@
-"""eval_math500.py: the LL's accuracy on MATH-500 (or any JSONL, ops-test) with no context or a
-greedy one per problem from --hl-model: 95% intervals, per level and subject, every generation
-saved. Over run folders: --report RUN... (a table), --plot RUN... [--out FILE.png] (learning
-curves)."""
+"""eval_math500.py: the LL's accuracy on MATH-500 or any JSONL, with no context or the greedy one of
+--hl-model, every answer saved. Over run folders: --report RUN..., --plot RUN... [--out PNG]."""
 
 import json
 import math
@@ -12,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 import grpo
-from grpo import arg, encode, format_context, format_prompt, generate, stream_seed
+from grpo import arg, encode, format_context, format_prompt, generate
 from hl_generator import generate_contexts, parse_context
 from math_reward import carries_answer, extract_boxed, reward, right_operator
 
@@ -34,8 +32,7 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  
 
 
 def seeds_interval(accs):
-    """95% interval of the mean over seeds: mean +- t_{0.975, n-1} sd / sqrt(n) (beyond the table,
-    t's Cornish-Fisher expansion)."""
+    """95% interval of the mean over seeds: mean +- t_{0.975, n-1} sd / sqrt(n)."""
     n, z = len(accs), 1.959964
     if n < 2:
         return None
@@ -48,33 +45,24 @@ def seeds_interval(accs):
     return max(0.0, mean - half), min(1.0, mean + half)
 
 
+# a summary's rates of the contexts: name -> (the record field it counts, its printed words)
+RATES = {
+    "parse_rate": ("context_parsed", "HL parse rate"),
+    "ctx_self": ("ctx_self", "restated x"),
+    "ctx_has_answer": ("ctx_has_answer", "carried the answer"),
+    "ctx_right_op": ("ctx_right_op", "right operator"),
+}
+
 # --- 2. the evaluation ----------------------------------------------------------------------------
 
 
 def evaluate(
-    ll_model,
-    tokenizer,
-    problems,
-    eos,
-    hl_model=None,
-    temperature=0.0,
-    max_new_tokens=512,
-    max_context_tokens=384,
-    batch_size=16,
-    seed=0,
-    out_file=None,
-    log=print,
-    self_threshold=0.9,
-    contexts=None,
+    model, tokenizer, problems, eos, cfg, hl=None, contexts=None, out_file=None, batch_size=16
 ):
-    """The LL's answers with a greedy context per problem from hl_model, else the given contexts,
-    else none: a record per problem (saved to out_file) and their summary."""
-    if hl_model is not None:
+    """The LL's greedy answers with the HL's greedy contexts, the given ones, or none: a summary."""
+    source = "given" if contexts is not None else "none"
+    if hl is not None:
         source = "hl"
-    elif contexts is not None:
-        source = "given"
-    else:
-        source = "none"
     contexts = grpo.my_share(contexts or [None] * len(problems))  # under torchrun, a rank's share
     problems = grpo.my_share(problems)
     records, t0 = [], time.time()
@@ -82,47 +70,32 @@ def evaluate(
         batch = problems[start : start + batch_size]
         ctxs = contexts[start : start + batch_size]
         hl_texts = [None] * len(batch)
-        if hl_model is not None:
-            ctx, _, hl_out, _ = generate_contexts(
-                hl_model,
-                tokenizer,
-                batch,
-                1,
-                max_context_tokens,
-                0.0,
-                eos,
-                self_threshold=self_threshold,
-            )
+        if hl is not None:
+            args = (hl, tokenizer, batch, 1, cfg.max_context_tokens, 0.0, eos)
+            ctx, _, hl_out, _ = generate_contexts(*args, self_threshold=cfg.self_threshold)
             ctxs = [c[0] for c in ctx]
             hl_texts = tokenizer.batch_decode(hl_out, skip_special_tokens=True)
-        seed_b = stream_seed(seed, "eval", start)
-        texts = answer(ll_model, tokenizer, batch, ctxs, max_new_tokens, temperature, eos, seed_b)
+        prompts = []
+        for p, c in zip(batch, ctxs):
+            prompts.append(encode(tokenizer, format_prompt(tokenizer, p["problem"], c)))
+        answers, _ = generate(model, prompts, cfg.max_new_tokens, 0.0, eos)  # greedy
+        texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
         for p, c, hl_text, text in zip(batch, ctxs, hl_texts, texts):
             records.append(answer_record(p, c, hl_text, text))
         accuracy = sum(r["score"] for r in records) / len(records)
-        log(f"eval {len(records)}/{len(problems)} | acc so far {accuracy:.3f}")
+        print(f"eval {len(records)}/{len(problems)} | acc so far {accuracy:.3f}")
     records = grpo.gather(records)
     if out_file and grpo.rank() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
         open(out_file, "w").writelines(json.dumps(r) + "\n" for r in records)
     summary = summarise(records, source)
-    summary.update(seconds=time.time() - t0, max_new_tokens=max_new_tokens)
+    summary.update(seconds=time.time() - t0, max_new_tokens=cfg.max_new_tokens)
     return summary
 
 
-def answer(model, tokenizer, batch, contexts, max_new_tokens, temperature, eos, seed):
-    """The LL's answers (text) to a batch of problems, each with its context or none."""
-    prompts = []
-    for p, c in zip(batch, contexts):
-        prompts.append(encode(tokenizer, format_prompt(tokenizer, p["problem"], c)))
-    answers, _ = generate(model, prompts, max_new_tokens, temperature, eos, seed=seed)
-    return tokenizer.batch_decode(answers, skip_special_tokens=True)
-
-
 def answer_record(problem, context, hl_text, response):
-    """One problem's evaluation: its context (and the HL's raw output), the answer, its verdict, and
-    what the context leaked."""
-    # rule 1b
+    """One problem's evaluation: its context (the HL's raw output), answer, verdict, leakage."""
+    # rule 1b: the HL's output parsed, but restated x
     restated = context is None and hl_text is not None and parse_context(hl_text) is not None
     return {
         "unique_id": problem.get("unique_id"),
@@ -143,8 +116,7 @@ def answer_record(problem, context, hl_text, response):
 
 
 def summarise(records, source):
-    """Accuracy with its Wilson interval, per level and per subject, and the contexts' rates (None
-    where they do not apply: no HL, no context, not an ops task)."""
+    """Accuracy with its Wilson interval, per level and subject, the contexts' rates (or None)."""
     n = len(records)
     right = sum(r["score"] for r in records)
     low, high = wilson_interval(right, n)
@@ -153,33 +125,17 @@ def summarise(records, source):
         groups = {}
         for r in records:
             groups.setdefault(str(r.get(key)), []).append(r["score"])
-        s["by_" + key] = {
-            g: {"acc": sum(v) / len(v), "n": len(v)} for g, v in sorted(groups.items())
-        }
-    shown = []
-    if source == "hl":
-        shown += ["context_parsed", "ctx_self"]
-    if source != "none":
-        shown += ["ctx_has_answer", "ctx_right_op"]
-    for key, name in (
-        ("context_parsed", "parse_rate"),
-        ("ctx_self", "ctx_self"),
-        ("ctx_has_answer", "ctx_has_answer"),
-        ("ctx_right_op", "ctx_right_op"),
-    ):
+        table = {g: {"acc": sum(v) / len(v), "n": len(v)} for g, v in sorted(groups.items())}
+        s["by_" + key] = table
+    for name, (key, _) in RATES.items():
         values = [r[key] for r in records]
-        s[name] = sum(values) / max(n, 1) if key in shown and None not in values else None
+        applies = source == "hl" or (source == "given" and name not in ("parse_rate", "ctx_self"))
+        s[name] = sum(values) / max(n, 1) if applies and None not in values else None
     return s
 
 
 def print_summary(s, log=print):
-    names = (
-        ("parse_rate", "HL parse rate"),
-        ("ctx_self", "restated x"),
-        ("ctx_has_answer", "carried the answer"),
-        ("ctx_right_op", "right operator"),
-    )
-    rates = ", ".join(f"{w} {s[k]:.2f}" for k, w in names if s.get(k) is not None)
+    rates = ", ".join(f"{RATES[k][1]} {s[k]:.2f}" for k in RATES if s.get(k) is not None)
     interval = f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
     line = f"accuracy {s['acc']:.3f}  95% CI {interval}  n = {s['n']} problems"
     log(line + (f"  | {rates}" if rates else ""))
@@ -213,36 +169,23 @@ def _experiment(ev):
 
 
 def report(folders, log=print):
-    """Markdown: a row per run folder (accuracy at round 0 and at the end, the contexts' rates and
-    leakage); then per experiment over its seeds: the mean, the spread and the t-interval."""
+    """Markdown: a row per run folder, then per experiment over its seeds: mean and t-interval."""
 
     def fmt(v, spec=".2f"):
         return "-" if v is None else format(v, spec)
 
     runs = _runs(folders, log)  # a skipped folder is said before the table
-    log(
-        "| run | exp | flags | acc, round 0 | acc, final (95% CI) | n | HL parse rate | "
-        "HL restated x | "
-        "context carried the answer | right operator | rounds | wall-clock |\n"
-        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
-    )
+    rates = " | ".join(words for _, words in RATES.values())
+    columns = f"run | exp | flags | acc, round 0 | acc, final (95% CI) | n | {rates}"
+    log(f"| {columns} | rounds | wall-clock |")
+    log("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     groups = {}
     for name, ev, metrics in runs:
         first = next((r["eval/acc"] for r in metrics if r.get("phase") == "eval"), None)
-        rates = [
-            fmt(ev.get(k)) for k in ("parse_rate", "ctx_self", "ctx_has_answer", "ctx_right_op")
-        ]
         final = f"{ev['acc']:.3f} [{ev['ci_low']:.3f}, {ev['ci_high']:.3f}]"
-        minutes = f"{ev.get('wall_clock', 0) / 60:.1f} min"
-        cells = [
-            name,
-            ev.get("exp", "-"),
-            ev.get("flags") or "-",
-            fmt(first, ".3f"),
-            final,
-            ev["n"],
-        ]
-        cells += [*rates, ev.get("rounds", "-"), minutes]
+        cells = [name, ev.get("exp", "-"), ev.get("flags") or "-", fmt(first, ".3f"), final]
+        cells += [ev["n"], *[fmt(ev.get(k)) for k in RATES]]
+        cells += [ev.get("rounds", "-"), f"{ev.get('wall_clock', 0) / 60:.1f} min"]
         log("| " + " | ".join(map(str, cells)) + " |")
         groups.setdefault(_experiment(ev), []).append(ev["acc"])
     if not any(len(accs) > 1 for accs in groups.values()):
@@ -253,15 +196,36 @@ def report(folders, log=print):
         ci = seeds_interval(accs)
         interval = "[%.3f, %.3f]" % ci if ci else "-"
         mean = sum(accs) / len(accs)
-        log(
-            f"| {exp} | {flags} | {len(accs)} | {mean:.3f} | "
-            f"{min(accs):.3f} - {max(accs):.3f} | {interval} |"
-        )
+        spread = f"{min(accs):.3f} - {max(accs):.3f}"
+        log(f"| {exp} | {flags} | {len(accs)} | {mean:.3f} | {spread} | {interval} |")
+
+
+def before_after(evals, with_contexts):
+    """A run's closing verdict: round 0 against its last evaluation, made on the same settings."""
+    first, last = evals[0], evals[-1]
+    if first["step"] != 0:
+        return f"before/after: no round-0 evaluation to compare round {last['step']} with"
+    settings = [(r["eval/n"], r.get("eval/max_new_tokens")) for r in (first, last)]
+    if settings[0] != settings[1]:
+        return f"before/after: evaluated on (problems, tokens) {settings}: not compared"
+    apart = last["eval/ci_low"] > first["eval/ci_high"]
+    verdict = "a gain: intervals apart" if apart else "intervals overlap"
+    line = (
+        f"before/after: accuracy {_acc(first)} at round 0 -> {_acc(last)} after round "
+        f"{last['step']} on {last['eval/n']} problems at {last['eval/max_new_tokens']} tokens: "
+        f"{verdict}"
+    )
+    if with_contexts:
+        line += f"; contexts that carried the answer: {last['eval/ctx_has_answer']:.2f}"
+    return line
+
+
+def _acc(r):  # an evaluation's accuracy and its interval
+    return f"{r['eval/acc']:.3f} [{r['eval/ci_low']:.3f}, {r['eval/ci_high']:.3f}]"
 
 
 def plot(folders, out_png, log=print):
-    """Learning curves, a panel per experiment, a colour per seed: held-out accuracy (o-) and, on
-    the ops tasks, the right-operator rate (x--)."""
+    """Curves, a panel per experiment, a colour per seed: accuracy (o-) and right operator (x--)."""
     os.environ.setdefault("MPLBACKEND", "Agg")  # files only, no display
     try:
         import matplotlib.pyplot as plt
@@ -271,9 +235,7 @@ def plot(folders, out_png, log=print):
     for name, ev, metrics in _runs(folders, log):
         panels.setdefault(_experiment(ev), []).append((name, metrics))
     n = max(1, len(panels))
-    fig, axes = plt.subplots(
-        1, n, figsize=(4.5 * n, 3.4), squeeze=False, sharey=True, layout="tight"
-    )
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.4), squeeze=False, sharey=True)
     for ax, ((exp, flags), runs) in zip(axes.flat, sorted(panels.items(), key=str)):
         for name, metrics in runs:
             evals = [r for r in metrics if r.get("phase") == "eval"]
@@ -285,6 +247,7 @@ def plot(folders, out_png, log=print):
         title = textwrap.fill(f"exp {exp}, {flags}", 40)
         ax.set(title=title, xlabel="round", ylabel="accuracy", ylim=(-0.02, 1.02))
         ax.legend(fontsize=6)
+    fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     log(f"wrote {out_png}: {len(panels)} experiment(s)")
 
@@ -300,6 +263,7 @@ class Config:
     limit: int = arg(0, "the first N problems only (0 = all)", ge=0)
     max_new_tokens: int = arg(512, "LL answer budget", ge=1)
     max_context_tokens: int = arg(384, "HL context budget", ge=1)
+    self_threshold: float = arg(0.9, "leakage guard: cosine that makes an example x", gt=0, le=1)
     out: str = arg("runs/eval.jsonl", "every problem, context, response and verdict (JSONL)")
     device: str = arg("", "cuda / cpu (default: cuda when available)")
     precision: str = arg("auto", "auto: bf16 on a GPU, else fp32", choices=["auto", "fp32", "bf16"])
@@ -312,20 +276,9 @@ def main(cfg):
     hl = None
     if cfg.hl_model:
         hl, _ = grpo.load_model(cfg.hl_model, device, precision=cfg.precision, flag="--hl-model")
-    with_hl = "with" if hl else "without"
-    print(
-        f"evaluating {cfg.model} on {len(problems)} problems of {cfg.data}, {with_hl} HL contexts"
-    )
-    s = evaluate(
-        model.eval(),
-        tokenizer,
-        problems,
-        grpo.eos_token_ids(model, tokenizer),
-        hl,
-        max_new_tokens=cfg.max_new_tokens,
-        max_context_tokens=cfg.max_context_tokens,
-        out_file=cfg.out,
-    )
+    print(f"evaluating {cfg.model} on {len(problems)} problems of {cfg.data}, HL: {cfg.hl_model}")
+    eos = grpo.eos_token_ids(model, tokenizer)
+    s = evaluate(model.eval(), tokenizer, problems, eos, cfg, hl, out_file=cfg.out)
     print_summary(s)
     grpo.write_json(os.path.splitext(cfg.out)[0] + ".summary.json", s)
 

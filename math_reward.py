@@ -6,7 +6,7 @@ math_reward.py: R_task, the 0/1 reward for a MATH final answer (README "The meth
     is_equiv(pred, gold)      the same final answer? (strings, then structures, then exact values)
     reward(response, gold)    1.0 if extract_boxed(response) is the same answer as gold, else 0.0
 
-How answers are compared, and why: README deviations. `python math_reward.py` grades examples.
+How answers are compared, and why: README deviations.
 """
 
 import ast
@@ -20,17 +20,15 @@ MAX_PARSE_CHARS = 1000  # a longer answer is compared as a string only
 MAX_ITEMS = 50  # a longer list/tuple is compared as a string only
 MAX_DEPTH = 60  # nesting cap for the parser and for structures inside structures
 MAX_POW_BITS = 100_000  # cap on the size of an exact power (9^{9^{9^9}} is refused, not computed)
-MAX_WORK_BITS = (
-    1_000_000  # cap on one comparison's exact arithmetic: the sum of every operation's operand bits
-)
+# cap on one comparison's exact arithmetic: the sum of every operation's operand bits
+MAX_WORK_BITS = 1_000_000
 POINTS = (0.5, 1.3, -0.7, 2.9, -1.9)  # where expressions with variables are compared
 
 # --- 1. extraction --------------------------------------------------------------------------------
 
 
 def _brace_group(s, i):
-    """Index just past the brace group that opens at s[i] == '{' (escaped \\{ \\} \\\\ skipped), or
-    -1 if unclosed."""
+    """Index just past the brace group opening at s[i] ('{'), escapes skipped; -1 if unclosed."""
     depth, k = 0, i
     while k < len(s):
         if s[k] == "\\":
@@ -44,8 +42,7 @@ def _brace_group(s, i):
 
 
 def extract_boxed(text):
-    """Content of the last \\boxed{...}, \\fbox{...} or `\\boxed 5`; None if there is none or it is
-    unclosed."""
+    """The last \\boxed{...}, \\fbox{...} or `\\boxed 5`'s content; None if none or unclosed."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox")) if text else -1
     if start < 0:
         return None
@@ -66,6 +63,10 @@ _TEXT_CMDS = re.compile(
     r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|operatorname|boldsymbol)\s*\{"
 )
 _UNIT_WORD = re.compile(r"[A-Za-z]{2,}\.?(\^\{?[23]\}?)?")
+_VARIABLE_IS = re.compile(
+    r"^(?:[A-Za-z]|\\[a-z]+)(?:_\{?\w+\}?)?\s*(?:=|\\in(?![A-Za-z]))\s*(?=[^=]*$)"
+)
+_THOUSANDS = re.compile(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+)(?![\d,])")
 
 
 def _strip_units(s):
@@ -134,14 +135,9 @@ def _fix_frac_sqrt(s):
 
 
 def normalize_answer(answer):
-    """A canonical string form of a final answer: answers with equal forms are equal (not
-    conversely)."""
-    s = (
-        re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", str(answer))
-        .replace("\n", " ")
-        .replace("\t", " ")
-        .strip()
-    )
+    """A canonical string form of a final answer: equal forms are equal answers (not conversely)."""
+    s = re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", str(answer))
+    s = s.replace("\n", " ").replace("\t", " ").strip()
     s = re.sub(r"\\(left|right)\s*\.", "", s)  # \left. \right.
     s = re.sub(r"\\(left|right|big|Big|bigg|Bigg)(?![A-Za-z])", "", s)  # \left( -> (
     s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
@@ -153,14 +149,8 @@ def normalize_answer(answer):
     s = re.sub(r"\\(cdot|times)(?![A-Za-z])", "*", s)
     s = re.sub(r"\\div(?![A-Za-z])", "/", s)
     s = _unwrap_text(_strip_units(s.strip())).strip()
-    # x = 5, x \in [1,2]
-    s = re.sub(
-        r"^(?:[A-Za-z]|\\[a-z]+)(?:_\{?\w+\}?)?\s*(?:=|\\in(?![A-Za-z]))\s*(?=[^=]*$)", "", s
-    )
-    # 2,220
-    s = re.sub(
-        r"(?<![\d.,])(\d{1,3}(?:,\d{3})+)(?![\d,])", lambda m: m.group(1).replace(",", ""), s
-    )
+    s = _VARIABLE_IS.sub("", s)  # x = 5, x \in [1,2]
+    s = _THOUSANDS.sub(lambda m: m.group(1).replace(",", ""), s)  # 2,220
     s = _fix_frac_sqrt(re.sub(r"\s+", "", s)).rstrip(".")
     for _ in range(3):  # {5} -> 5
         if len(s) >= 2 and s[0] == "{" and _brace_group(s, 0) == len(s):
@@ -252,8 +242,7 @@ def _number(tok):
 
 
 def parse_expression(s):
-    """A normalised answer as a Python expression tree (ast), or ParseError; nothing is compiled or
-    run."""
+    """A normalised answer as a Python expression tree (ast), or ParseError; nothing is run."""
     if not s or len(s) > MAX_PARSE_CHARS:
         raise ParseError("empty or too long")
     try:
@@ -269,11 +258,8 @@ class _Work:
         self.left = MAX_WORK_BITS
 
     def spend(self, *values):
-        bits = sum(
-            v.numerator.bit_length() + v.denominator.bit_length()
-            for v in values
-            if isinstance(v, Fraction)
-        )
+        exact = [v for v in values if isinstance(v, Fraction)]
+        bits = sum(v.numerator.bit_length() + v.denominator.bit_length() for v in exact)
         if bits > self.left:
             raise ParseError("too much exact arithmetic")
         self.left -= bits
@@ -281,10 +267,8 @@ class _Work:
 
 def _power(base, exp):
     if isinstance(base, Fraction) and isinstance(exp, Fraction) and exp.denominator == 1:
-        if (
-            abs(exp) * max(base.numerator.bit_length(), base.denominator.bit_length(), 1)
-            > MAX_POW_BITS
-        ):
+        base_bits = max(base.numerator.bit_length(), base.denominator.bit_length(), 1)
+        if abs(exp) * base_bits > MAX_POW_BITS:
             raise ParseError("power too large")
         return base ** int(exp)
     base, exp = float(base), float(exp)
@@ -305,13 +289,8 @@ def _root(x, n):
 
 
 _CONSTANTS = {"pi": math.pi, "inf": math.inf}
-_OPS = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.Pow: _power,
-}
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+_OPS.update({ast.Div: operator.truediv, ast.Pow: _power})
 
 
 def _evaluate(node, env, work):
@@ -325,12 +304,8 @@ def _evaluate(node, env, work):
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         value = _evaluate(node.operand, env, work)
         return -value if isinstance(node.op, ast.USub) else value
-    if (
-        isinstance(node, ast.Call)
-        and getattr(node.func, "id", "") == "root"
-        and len(node.args) == 2
-    ):
-        n, x = _evaluate(node.args[0], env, work), _evaluate(node.args[1], env, work)
+    if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "root":
+        n, x = [_evaluate(arg, env, work) for arg in node.args]
         work.spend(x, n)
         return _root(x, n)
     if not (isinstance(node, ast.BinOp) and type(node.op) in _OPS):
@@ -447,11 +422,10 @@ def _items(s):
     """Elements of a list, with a ± expanded: `1\\pm\\sqrt{5}` -> `1+\\sqrt{5}`, `1-\\sqrt{5}`."""
     out = []
     for part in _split_top(s):
-        out += (
-            [part.replace("\\pm", "+"), part.replace("\\pm", "-")]
-            if part.count("\\pm") == 1
-            else [part]
-        )
+        if part.count("\\pm") == 1:
+            out += [part.replace("\\pm", "+"), part.replace("\\pm", "-")]
+        else:
+            out.append(part)
     return out
 
 
@@ -468,36 +442,19 @@ def _unordered_equal(xs, ys, depth, work):
 
 
 def _equiv(a, b, work, depth=0):
-    """a, b normalised: strings, then structures, then values; `work` bounds the arithmetic of the
-    whole call."""
+    """a, b normalised: strings, then structures, then values; `work` bounds the whole call."""
     if a == b:
         return True
-    if (
-        not a
-        or not b
-        or depth > MAX_DEPTH
-        or len(a) > MAX_PARSE_CHARS * 10
-        or len(b) > MAX_PARSE_CHARS * 10
-    ):
+    if not a or not b or depth > MAX_DEPTH or max(len(a), len(b)) > MAX_PARSE_CHARS * 10:
         return False
     ma, mb = _matrix(a), _matrix(b)
     if ma is not None or mb is not None:
-        return (
-            ma is not None
-            and mb is not None
-            and len(ma) == len(mb)
-            and all(
-                len(ra) == len(rb) and all(_equiv(x, y, work, depth + 1) for x, y in zip(ra, rb))
-                for ra, rb in zip(ma, mb)
-            )
-        )
+        if ma is None or mb is None or [len(r) for r in ma] != [len(r) for r in mb]:
+            return False
+        return all(_equiv(x, y, work, depth + 1) for ra, rb in zip(ma, mb) for x, y in zip(ra, rb))
     if "\\cup" in a or "\\cup" in b:  # unions of intervals, piece by piece in order
         pa, pb = _split_top(a, "\\cup"), _split_top(b, "\\cup")
-        return (
-            len(pa) == len(pb)
-            and len(pa) > 1
-            and all(_equiv(x, y, work, depth + 1) for x, y in zip(pa, pb))
-        )
+        return len(pa) == len(pb) > 1 and all(_equiv(x, y, work, depth + 1) for x, y in zip(pa, pb))
     ea, eb = _enclosed(a), _enclosed(b)
     if ea and eb and ea[0] == eb[0] == "{":  # sets: any order
         xs, ys = _items(ea[1]), _items(eb[1])
@@ -526,16 +483,13 @@ def _equiv(a, b, work, depth=0):
 
 def is_equiv(pred, gold):
     """Whether two final answers (strings, e.g. boxed contents) are the same answer."""
-    return (
-        pred is not None
-        and gold is not None
-        and _equiv(normalize_answer(pred), normalize_answer(gold), _Work())
-    )
+    if pred is None or gold is None:
+        return False
+    return _equiv(normalize_answer(pred), normalize_answer(gold), _Work())
 
 
 def carries_answer(context, answer):
-    """Does a context (x', y') box x's own answer? The leakage reported beside every accuracy with a
-    context."""
+    """Does a context (x', y') box x's own answer? The leakage beside every accuracy."""
     return context is not None and is_equiv(extract_boxed(context[1]) or "", answer)
 
 
@@ -544,19 +498,15 @@ _OPS_X = re.compile(r"Compute \$\d+ (\\[a-z]+) \d+\$")
 
 
 def right_operator(problem, context):
-    """On the ops tasks: does the context (x', y') use x's operator (no context: False)? None on any
-    other problem."""
+    """On the ops tasks: does the context (x', y') use x's operator? None on other problems."""
     op = _OPS_X.search(problem)
-    return (
-        None
-        if op is None
-        else context is not None and re.findall(r"\\[a-z]+", context[0])[:1] == [op.group(1)]
-    )
+    if op is None:
+        return None
+    return context is not None and re.findall(r"\\[a-z]+", context[0])[:1] == [op.group(1)]
 
 
 def right_operator_rate(problems, contexts):
-    """The contexts' quality on the ops tasks: the fraction of them (a list per problem) with x's
-    operator; else NaN."""
+    """The share of contexts (a list per problem) with x's operator on the ops tasks, else NaN."""
     flags = [right_operator(p["problem"], c) for p, cs in zip(problems, contexts) for c in cs]
     return sum(flags) / len(flags) if flags and None not in flags else float("nan")
 
@@ -565,14 +515,3 @@ def reward(response, gold):
     """R_task(x, y): 1.0 when the last boxed answer of the response equals gold, else 0.0."""
     pred = extract_boxed(response)
     return 1.0 if pred is not None and is_equiv(pred, gold) else 0.0
-
-
-if __name__ == "__main__":
-    for response, gold in [
-        ("$x = \\boxed{\\dfrac{1}{2}}$.", "0.5"),
-        ("\\boxed{0.33}", "\\frac13"),
-        ("\\boxed{(1,2]}", "(1,2)"),
-        ("\\boxed{-2, 1}", "1,-2"),
-        ("\\boxed{2(x+1)}", "2x+2"),
-    ]:
-        print(f"{reward(response, gold):.0f}  {response!r:32} gold {gold!r}")

@@ -26,7 +26,7 @@ PROBLEMS = [{"problem": "What is 2 + 3?", "answer": "5", "subject": "Arithmetic"
 
 def cfg(**kw):
     base = alternate.Config(batch_problems=2, group_size=3, max_new_tokens=8, lr=1e-3, beta=0.04, micro_batch=3,
-                            format_bonus=0.5, bonus_steps=10)
+                            bonus_steps=10)
     return replace(base, **kw)
 
 
@@ -44,14 +44,14 @@ def test_lambda_zero_is_plain_grpo(tokenizer):
     rec_ctx, roll_ctx = cg.ll_step(m1, r1, None, o1, tokenizer, PROBLEMS[:2], contexts, c, 0, eos)  # no prior: never run
     m2, r2, o2 = setup(tokenizer)
     rec_plain, roll_plain = grpo.grpo_step(m2, r2, o2, tokenizer, PROBLEMS[:2], c, 0, eos, contexts)
-    assert torch.equal(roll_ctx.rewards, roll_plain.rewards)
+    assert torch.equal(roll_ctx.r_task, roll_plain.r_task)
     for key in ("reward", "loss", "kl", "grad_norm"):
         assert rec_ctx[key] == rec_plain[key], key
     assert torch.equal(m1.model.embed_tokens.weight, m2.model.embed_tokens.weight)
     # and a lambda > 0 does change the rewards
     m3, r3, o3 = setup(tokenizer)
-    _, roll_shaped = cg.ll_step(m3, r3, r3, o3, tokenizer, PROBLEMS[:2], contexts, cfg(lam=1.0), 0, eos)
-    assert not torch.equal(roll_shaped.rewards, roll_plain.rewards)
+    rec_shaped, roll_shaped = cg.ll_step(m3, r3, r3, o3, tokenizer, PROBLEMS[:2], contexts, cfg(lam=1.0), 0, eos)
+    assert torch.equal(roll_shaped.r_task, roll_plain.r_task) and rec_shaped["reward"] != rec_plain["reward"]
 
 
 def test_lambda_zero_logs_the_utilisation_it_does_not_reward(tokenizer):
@@ -60,8 +60,8 @@ def test_lambda_zero_logs_the_utilisation_it_does_not_reward(tokenizer):
     m1, r1, o1 = setup(tokenizer)
     rec, roll = cg.ll_step(m1, r1, r1, o1, tokenizer, PROBLEMS[:2], contexts, cfg(lam=0.0), 0, eos)  # q = phi_0
     m2, r2, o2 = setup(tokenizer)
-    _, roll_plain = grpo.grpo_step(m2, r2, o2, tokenizer, PROBLEMS[:2], cfg(lam=0.0), 0, eos, contexts)
-    assert torch.equal(roll.rewards, roll_plain.rewards)  # not rewarded ...
+    rec_plain, _ = grpo.grpo_step(m2, r2, o2, tokenizer, PROBLEMS[:2], cfg(lam=0.0), 0, eos, contexts)
+    assert rec["reward"] == rec_plain["reward"]  # not rewarded ...
     assert "util" in rec and rec["util"] == rec["util"]          # ... but measured (a number, not NaN)
     assert rec["ctx_right_op"] != rec["ctx_right_op"]            # no ops problem: no right-operator rate (NaN)
 
@@ -154,12 +154,6 @@ def test_nearest_neighbours_same_subject_never_itself():
     assert nn[0] == 2 and nn[2] in (0, 3) and nn[3] == 2  # never its own text, even under another id
     excluded = nearest_neighbours(PROBLEMS[:1], PROBLEMS, k=2, exclude=lambda p: p["unique_id"] == "a/1")
     assert list(excluded[0]) == [2, -1]
-
-
-def test_fit_contexts_drops_and_counts_long_contexts(tokenizer):
-    long_ctx = ("x " * 3000, "y")
-    fitted, dropped = grpo.fit_contexts(tokenizer, PROBLEMS[:1], [[long_ctx, as_example(PROBLEMS[1])]], 512)
-    assert dropped == 1 and fitted[0][0] is None and fitted[0][1] is not None
 
 
 # -----------------------------------------------------------------------------

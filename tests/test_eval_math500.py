@@ -13,7 +13,6 @@ import grpo
 from hl_generator import retrieve
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-QUIET = {"log": lambda *_: None}
 
 # -----------------------------------------------------------------------------
 # the intervals
@@ -59,13 +58,13 @@ def boxed_answers(tokenizer, problems, right):
 def test_evaluate_records_and_verdicts(tokenizer, tmp_path, monkeypatch):
     problems = grpo.load_problems("ops-test", limit=6)
     monkeypatch.setattr(eval_math500, "generate", boxed_answers(tokenizer, problems, right=lambda i: i % 2 == 0))
-    s = eval_math500.evaluate(None, tokenizer, problems, [tokenizer.eos_token_id], batch_size=4,
-                              out_file=str(tmp_path / "e.jsonl"), **QUIET)
+    s = eval_math500.evaluate(None, tokenizer, problems, [tokenizer.eos_token_id], eval_math500.Config(), batch_size=4,
+                              out_file=str(tmp_path / "e.jsonl"))
     rows = [json.loads(l) for l in open(tmp_path / "e.jsonl")]
     assert [r["unique_id"] for r in rows] == [p["unique_id"] for p in problems]
     assert set(rows[0]) == {"unique_id", "level", "subject", "problem", "answer", "hl_output", "context",
                             "context_parsed", "ctx_self", "ctx_has_answer", "ctx_right_op", "response", "extracted", "score"}
-    assert s["max_new_tokens"] == 512  # the budget the verdict compares (alternate.before_after)
+    assert s["max_new_tokens"] == 512  # the budget the verdict compares (before_after)
     # batches of 4 and 2 problems: right at rows 0 and 2 of each
     assert [r["score"] for r in rows] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
     assert rows[0]["extracted"] == problems[0]["answer"] and rows[1]["extracted"] == "x"
@@ -90,8 +89,8 @@ def test_evaluate_with_a_stub_hl(tiny_model, tokenizer, tmp_path, monkeypatch):
         return [[stub if i % 2 == 0 else None] * n for i in range(len(batch))], None, outputs, {}
 
     monkeypatch.setattr(eval_math500, "generate_contexts", stub_contexts)
-    s = eval_math500.evaluate(tiny_model, tokenizer, problems, [tokenizer.eos_token_id], hl_model=object(),
-                              max_new_tokens=4, batch_size=5, out_file=str(tmp_path / "hl.jsonl"), **QUIET)
+    s = eval_math500.evaluate(tiny_model, tokenizer, problems, [tokenizer.eos_token_id], eval_math500.Config(max_new_tokens=4),
+                              hl=object(), batch_size=5, out_file=str(tmp_path / "hl.jsonl"))
     rows = [json.loads(l) for l in open(tmp_path / "hl.jsonl")]
     assert [r["context_parsed"] for r in rows] == [True, True, True, False, True]
     assert [r["ctx_self"] for r in rows] == [False, True, False, False, False] and rows[1]["context"] is None
@@ -108,8 +107,8 @@ def test_evaluate_with_retrieved_contexts(tiny_model, tokenizer, tmp_path, monke
     contexts = retrieve(problems, grpo.load_problems("ops"))
     seen, real = [], eval_math500.format_prompt
     monkeypatch.setattr(eval_math500, "format_prompt", lambda tok, x, c=None: seen.append(c) or real(tok, x, c))
-    s = eval_math500.evaluate(tiny_model, tokenizer, problems, [tokenizer.eos_token_id], max_new_tokens=4,
-                              batch_size=3, out_file=str(tmp_path / "r.jsonl"), contexts=contexts, **QUIET)
+    s = eval_math500.evaluate(tiny_model, tokenizer, problems, [tokenizer.eos_token_id], eval_math500.Config(max_new_tokens=4),
+                              batch_size=3, out_file=str(tmp_path / "r.jsonl"), contexts=contexts)
     assert seen == contexts  # each problem's own retrieved example, in order
     assert s["context"] == "given" and s["ctx_has_answer"] == 0.0 and s["parse_rate"] is None
     assert [json.loads(l)["context"] for l in open(tmp_path / "r.jsonl")] == [grpo.format_context(c) for c in contexts]
@@ -235,7 +234,7 @@ def test_evaluate_counts_contexts_of_the_right_operator(tiny_model, tokenizer, t
     ops = [op(p["problem"]) for p in problems]
     contexts = [(f"Compute $1 {ops[0]} 2$.", ""), (f"Compute $1 {other[ops[1]]} 2$.", ""), None,
                 (f"Compute $9 {ops[3]} 8$.", "")]
-    s = eval_math500.evaluate(tiny_model, tokenizer, problems, [tokenizer.eos_token_id], max_new_tokens=2,
-                              batch_size=4, out_file=str(tmp_path / "r.jsonl"), contexts=contexts, **QUIET)
+    s = eval_math500.evaluate(tiny_model, tokenizer, problems, [tokenizer.eos_token_id], eval_math500.Config(max_new_tokens=2),
+                              batch_size=4, out_file=str(tmp_path / "r.jsonl"), contexts=contexts)
     assert [json.loads(l)["ctx_right_op"] for l in open(tmp_path / "r.jsonl")] == [True, False, False, True]
     assert s["ctx_right_op"] == 0.5 and s["parse_rate"] is None

@@ -462,10 +462,18 @@ def test_greedy_equals_model_generate_on_smollm2(smollm2_folder):
     assert ours == hf_greedy(model, p, 32, eos, tokenizer.pad_token_id)
 
 
-def test_format_bonus_and_box_metrics():
+def test_rollouts_score_r_task_and_the_box_metric(tokenizer, monkeypatch):
     texts = ["so \\boxed{5}", "so \\boxed{}", "so \\boxed{ }", "no box", "\\boxed{4}"]
-    rewards, acc, boxed, wrote = grpo.score(texts, ["5"] * 5, format_bonus=0.5)
-    assert acc.tolist() == [1, 0, 0, 0, 0]
-    assert boxed.tolist() == [1, 0, 0, 0, 1]   # a non-empty answer in a box
-    assert wrote.tolist() == [1, 1, 1, 0, 1]   # any box: what the (gameable) bonus pays for
-    assert rewards.tolist() == [1.5, 0.5, 0.5, 0.0, 0.5]
+    seen = []
+
+    def generate(model, prompt_ids, *a, **k):
+        seen.append(prompt_ids)
+        return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], [[0.0]] * 5
+    monkeypatch.setattr(grpo, "generate", generate)
+    batch = [{"problem": "What is 2 + 3?", "answer": "5"}, {"problem": "What is 1 + 4?", "answer": "5"}]
+    cfg = grpo.Config(max_new_tokens=8)
+    roll = grpo.rollouts(None, tokenizer, batch, [[None, None, None], [None, ("x'", "y'")]], cfg, [2], seed=0)
+    assert roll.r_task.tolist() == [1, 0, 0, 0, 0]
+    assert roll.boxed.tolist() == [1, 0, 0, 0, 1]   # a non-empty answer in a box
+    assert seen[0] == roll.prompt_ids and len(roll.prompt_ids) == 5
+    assert roll.prompt_ids[4] == grpo.encode(tokenizer, grpo.format_prompt(tokenizer, batch[1]["problem"], ("x'", "y'")))

@@ -15,6 +15,7 @@ import torch
 
 import alternate
 import context_grpo
+import eval_math500
 import grpo
 import hl_generator
 from conftest import MATH500, make_tiny_model
@@ -63,9 +64,9 @@ def test_one_verdict_for_one_set_of_evaluation_settings(tmp_path):
     def record(step, n, tokens, low, high):
         return {"step": step, "eval/n": n, "eval/max_new_tokens": tokens, "eval/acc": (low + high) / 2,
                 "eval/ci_low": low, "eval/ci_high": high, "eval/ctx_has_answer": 0.0}
-    line = alternate.before_after([record(0, 3, 6, 0.0, 0.2), record(2, 20, 12, 0.5, 0.9)], with_contexts=True)
+    line = eval_math500.before_after([record(0, 3, 6, 0.0, 0.2), record(2, 20, 12, 0.5, 0.9)], with_contexts=True)
     assert "not compared" in line and "gain" not in line
-    line = alternate.before_after([record(0, 20, 12, 0.0, 0.2), record(2, 20, 12, 0.5, 0.9)], with_contexts=True)
+    line = eval_math500.before_after([record(0, 20, 12, 0.0, 0.2), record(2, 20, 12, 0.5, 0.9)], with_contexts=True)
     assert "on 20 problems at 12 tokens: a gain: intervals apart" in line
 
 
@@ -78,9 +79,9 @@ def test_a_budget_that_cuts_every_answer_is_said_before_the_first_step_and_at_th
     assert out[warning] in next(l for l in out if l.startswith("before/after"))
     cfg = alternate.Config()  # the demo's budget: silent on ops, said on MATH (the bare MATH command)
     ops = grpo.load_problems("ops", limit=50)
-    assert alternate.budget_warnings(cfg, tokenizer, ops, ops) == []
+    assert context_grpo.budget_warnings(cfg, tokenizer, ops, ops) == []
     math = grpo.load_problems(MATH500, limit=50)
-    assert "--max-new-tokens 48" in alternate.budget_warnings(cfg, tokenizer, math, math)[0]
+    assert "--max-new-tokens 48" in context_grpo.budget_warnings(cfg, tokenizer, math, math)[0]
 
 
 def test_sft_reports_the_share_of_d_sft_over_the_budget(tokenizer):
@@ -153,8 +154,8 @@ def test_two_ranks_log_what_one_process_logs(tokenizer):
         return {**stats, "n_ctx": n_ctx, "accepted": 1 + problems[0], "acc": 0.5 * (1 + problems[0]), "time": len(rows)}
     whole = record(range(6), [0, 1])
     merged = grpo.merge_records([record(range(3), [0]), record(range(3, 6), [1])])
-    assert merged["n_ctx"] == 4 and whole["util_std"] > 0 and 0 < whole["util_clip"] < 1
-    for key in ("util", "util_std", "util_clip", "util_logp_ctx", "util_logp_q", "n_ctx"):
+    assert merged["n_ctx"] == 4 and 0 < whole["util_clip"] < 1
+    for key in ("util", "util_clip", "util_logp_ctx", "util_logp_q", "n_ctx"):
         assert merged[key] == pytest.approx(whole[key], abs=1e-5), key
     assert merged["accepted"] == 3 and merged["acc"] == pytest.approx(0.75) and merged["time"] == 3
     no_context = {"ctx_len": 0.0, "n_ctx": 0, "acc_ctx": float("nan")}  # what a step without contexts logs
