@@ -170,6 +170,18 @@ class KVCache:
         self.layers = {i: (K[rows], V[rows]) for i, (K, V) in self.layers.items()}
 
 
+def sample_next(logits, temperature, gen=None):
+    """The next token ~ softmax(logits / T) per row (T = 0: the argmax) and its log-prob
+    log softmax(logits / T) (at T = 1 for T = 0). logits: (n, V) -> (n,), (n,)."""
+    if temperature == 0:
+        logprobs = logits.float().log_softmax(-1)
+        tok = logits.float().argmax(-1)
+    else:
+        logprobs = (logits.float() / temperature).log_softmax(-1)  # (n, V)
+        tok = torch.multinomial(logprobs.exp(), 1, generator=gen).squeeze(1)
+    return tok, logprobs.gather(1, tok[:, None]).squeeze(1)
+
+
 @torch.no_grad()
 def generate(
     model, prompt_ids, max_new_tokens, temperature=1.0, eos_token_ids=None, seed=None, check_every=8
@@ -205,14 +217,9 @@ def generate(
         logits = logits[src]
         next_pos = pos[src, -1] + 1
         for step in range(max_new_tokens):
-            if temperature == 0:
-                logprobs = logits.float().log_softmax(-1)
-                tok = logits.float().argmax(-1)
-            else:
-                logprobs = (logits.float() / temperature).log_softmax(-1)  # (n, V)
-                tok = torch.multinomial(logprobs.exp(), 1, generator=gen).squeeze(1)
+            tok, tok_logp = sample_next(logits, temperature, gen)
             out_tokens[live, step] = tok
-            out_logp[live, step] = logprobs.gather(1, tok[:, None]).squeeze(1)
+            out_logp[live, step] = tok_logp
             lengths[live] += (~done).long()  # up to and including the EOS
             done |= torch.isin(tok, eos)
             if step == max_new_tokens - 1:
@@ -732,7 +739,7 @@ def resumed_config(cls, given):
     if not os.path.exists(path):
         raise SystemExit(f"--resume {given['resume']}: no config.json there (is it a run folder?)")
     base = {**json.load(open(path)), "out": given["resume"]}
-    script = _script(cls)
+    script = os.path.basename(sys.modules[cls.__module__].__file__)  # the script of the run
     if base.get("script", script) != script:
         raise SystemExit(f"--resume {given['resume']}: made by {base['script']}, not {script}")
     for k, v in given.items():
@@ -745,10 +752,6 @@ def resumed_config(cls, given):
             raise SystemExit(f"{flag} {v}: {message}")
         print(f"resume: {k} {base[k]} -> {v}")
     return base
-
-
-def _script(cls):  # the script that made a run folder
-    return os.path.basename(sys.modules[cls.__module__].__file__)
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", "eval.json", "ckpt", "ckpt.tmp", "hl_sft")
@@ -769,7 +772,8 @@ def start_run(cfg):
                 os.remove(path)
     if rank() == 0:
         os.makedirs(cfg.out, exist_ok=True)
-        config = {"script": _script(type(cfg)), **asdict(cfg)}
+        script = os.path.basename(sys.modules[type(cfg).__module__].__file__)
+        config = {"script": script, **asdict(cfg)}
         write_json(os.path.join(cfg.out, "config.json"), config)
         print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     torch.manual_seed(cfg.seed)
@@ -864,10 +868,7 @@ def load_checkpoint(folder, models, optimizers):
         if cuda_rng is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_rng)
         step = state["step"]
-    if step:
-        print(f"resumed from {ckpt} at step {step}")
-    else:
-        print(f"no checkpoint in {folder}: starting from step 0")
+    print(f"resumed from {ckpt} at step {step}" if step else f"no checkpoint in {folder}: step 0")
     path = os.path.join(folder, "metrics.jsonl")
     if rank() == 0 and os.path.exists(path):  # rewritten whole or not at all, like every other file
         kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
@@ -913,7 +914,6 @@ class Config:
 
 
 def main(cfg):
-    # a bad file stops it first
     problems = load_problems(cfg.data, cfg.limit or None, cfg.seed, sample=True)
     device = init_distributed(cfg.device, {"--batch-problems": cfg.batch_problems})
     out = start_run(cfg)

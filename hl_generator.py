@@ -307,9 +307,9 @@ def hl_contexts(hl, tokenizer, batch, n, cfg, eos, purpose, idx):
     generate_contexts."""
     temperature = cfg.hl_temperature or 1.0
     seed = stream_seed(cfg.seed, purpose, idx)
-    max_tokens = cfg.max_context_tokens
-    args = (hl, tokenizer, batch, n, max_tokens, temperature, eos, seed, cfg.self_threshold)
-    return generate_contexts(*args)
+    return generate_contexts(
+        hl, tokenizer, batch, n, cfg.max_context_tokens, temperature, eos, seed, cfg.self_threshold
+    )
 
 
 def hl_reward(task_rewards, ll_logprobs, mask, alpha):

@@ -12,7 +12,7 @@ import hl_generator as hl
 from conftest import make_tiny_model
 
 # -----------------------------------------------------------------------------
-# §3.1 advantages, the k3 KL, the clipped surrogate, the normalisations
+# The method, 1: advantages, the k3 KL, the clipped surrogate, the normalisations, log-probs, the sampler
 
 
 def test_group_advantages_subtract_each_groups_own_mean():
@@ -27,6 +27,15 @@ def test_group_advantages_scaled_by_the_population_std():
     A = grpo.group_advantages(r, 4, scale_by_std=True)
     std = math.sqrt(0.75 * 0.25)  # population std (unbiased=False) of 1, 0, 0, 0
     assert A[0].item() == pytest.approx(0.75 / (std + 1e-4)), "--scale-by-std divides by the group's population std + 1e-4"
+
+
+def test_grpo_loss_ratio_is_to_the_sampling_policy_not_the_reference():
+    logp = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    far = torch.tensor([[-3.0, -3.0]])  # p_ref far from the policy that sampled
+    loss, stats = grpo.grpo_loss(logp, logp.detach(), far, torch.tensor([1.0]), torch.ones(1, 2), clip_eps=0.2, beta=0.0)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-0.5, -0.5]])) and stats["clip_frac"] == 0.0, \
+        "rho = exp(log p_phi - log p_old), p_old the policy that SAMPLED (not p_ref): at one update rho = 1, nothing clipped"
 
 
 def test_k3_kl_by_hand():
@@ -118,7 +127,7 @@ def test_generate_logprobs_are_those_of_the_sampled_tokens(tiny_model, tokenizer
         "the sampler's log-prob of each token is log softmax(logits / T) of the token it sampled"
 
 # -----------------------------------------------------------------------------
-# §4 the utilisation reward, and what the prior must not see
+# The method, 3: the utilisation reward, and what the prior must not see
 
 
 def test_utilization_reward_by_hand():
@@ -151,7 +160,7 @@ def test_utilisation_scores_the_prior_on_x_without_the_context(tokenizer, monkey
     assert u[1].item() == 0.0, "a rollout without a context gets no utilisation"
 
 # -----------------------------------------------------------------------------
-# §5.1 R_HL, §5.2 the HL's KL to pi_SFT; §7 ICPO's bonus and ERRS
+# The method, 4: R_HL, the HL's advantages and KL to pi_SFT; 6: ICPO's bonus, ERRS, the shaping
 
 
 def test_hl_reward_by_hand():
@@ -175,6 +184,61 @@ def test_hl_update_kl_is_to_pi_sft_and_off_at_beta_hl_zero(tokenizer):
     cfg.beta_hl = 0.0
     assert hl.hl_update(hl_model, sft_model, torch.optim.SGD(hl_model.parameters(), lr=0.0), prompts, comps, r_hl, cfg,
                         2)["kl"] == 0.0, "--beta-hl 0: no KL to pi_SFT at all"
+
+
+def test_hl_update_advantages_are_over_each_problems_own_contexts(monkeypatch):
+    seen = []
+    monkeypatch.setattr(grpo, "policy_update", lambda model, ref, opt, prompts, comps, adv, *a, **k: seen.append(adv) or {})
+    cfg = type("C", (), {"beta_hl": 0.0, "scale_by_std": False, "max_context_tokens": 4, "hl_temperature": 1.0})
+    r_hl = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0])  # 2 problems x G_HL = 4 contexts
+    hl.hl_update(None, None, None, [[1]] * 8, [[2]] * 8, r_hl, cfg, 4)
+    assert torch.allclose(seen[0], torch.tensor([0.75, -0.25, -0.25, -0.25, 0.25, 0.25, 0.25, -0.75])), \
+        "A_k = R_HL(c_k) - mean_l R_HL(c_l) over x's OWN G_HL contexts, not over the whole batch"
+
+
+def test_hl_step_averages_r_hl_over_each_contexts_m_answers(tokenizer, monkeypatch):
+    """The LL answers x with each of its G_HL contexts M times, in that order; R_HL of a context is the mean over its M."""
+    hl_model, ll_model = make_tiny_model(tokenizer, seed=4), make_tiny_model(tokenizer, seed=5)
+    problems = [{"problem": "What is 1 + 1?", "answer": "2"}, {"problem": "What is 2 + 2?", "answer": "4"}]
+    c1, c2 = ("What is 3 + 3?", "$\\boxed{6}$"), ("What is 5 + 1?", "$\\boxed{6}$")
+    real_contexts, real_generate, ll_prompts, r_hl = hl.generate_contexts, grpo.generate, [], []
+
+    def contexts(model, tok, batch, n, *a, **k):  # the HL writes c1 and c2 for each x
+        _, prompts, completions, stats = real_contexts(model, tok, batch, n, *a, **k)
+        return [[c1, c2] for _ in batch], prompts, completions, stats
+
+    def generate(model, prompts, *a, **k):
+        if model is ll_model:
+            ll_prompts.extend(prompts)
+        return real_generate(model, prompts, *a, **k)
+
+    monkeypatch.setattr(hl, "generate_contexts", contexts)
+    monkeypatch.setattr(grpo, "generate", generate)
+    monkeypatch.setattr(hl, "hl_reward", lambda r, *a: torch.arange(8.0))  # R_HL per LL answer: 0, 1, ..., 7
+    monkeypatch.setattr(hl, "hl_update", lambda *a: r_hl.append(a[5]) or {})
+    cfg = type("C", (), {"hl_group": 2, "ll_answers": 2, "max_context_tokens": 8, "max_new_tokens": 4, "seed": 0,
+                         "temperature": 1.0, "hl_temperature": 1.0, "self_threshold": 0.9, "alpha": 0.1})
+    hl.hl_step(hl_model, None, ll_model, None, tokenizer, problems, cfg, 0, [2])
+    expected = [grpo.encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"], c)) for p in problems
+                for c in (c1, c2) for _ in range(2)]
+    assert ll_prompts == expected, "the LL answers each context M times, in the order of the contexts"
+    assert r_hl[0].tolist() == [0.5, 2.5, 4.5, 6.5], "R_HL(c) = the mean over c's own M answers (the right axis)"
+
+
+def test_icpo_step_bonus_goes_to_the_accepted_ief_rows(tokenizer, monkeypatch):
+    def rollouts(model, tok, problems, contexts, cfg, eos, seed):  # 3 on-policy rows, then 1 IEF row (right)
+        n = sum(map(len, contexts))
+        return grpo.Rollouts([[1]] * n, [[2]] * n, [[-1.0]] * n, torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.zeros(n))
+
+    seen = []
+    monkeypatch.setattr(grpo, "rollouts", rollouts)
+    monkeypatch.setattr(grpo, "ll_update", lambda model, ref, opt, roll, adv, *a: seen.append(adv) or {})
+    cfg = type("C", (), {"group_size": 3, "seed": 0, "delta": 1.0, "icpo_bonus": 0.5, "bonus_steps": 10})
+    batch = [{"problem": "What is 1 + 1?", "answer": "2"}]
+    cg.icpo_step(None, None, None, tokenizer, batch, [[("What is 2 + 2?", "$\\boxed{4}$")]], cfg, 0, [2])
+    want = grpo.group_advantages(torch.tensor([0.0, 1.0, 1.0 + 0.5]), 3, scale_by_std=True)  # IEF row replaced row 2
+    assert torch.allclose(seen[0], want), \
+        "ICPO: the expert bonus beta_E (1 - t/T) goes to the accepted IEF rows only, then (r - mean) / std"
 
 
 def test_expert_bonus_anneals_linearly_to_zero():

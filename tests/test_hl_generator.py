@@ -223,41 +223,6 @@ def test_hl_step_gives_no_gradient_to_the_ll(tokenizer):
     assert all(p.grad is None for p in ll_model.parameters())
     assert 0.0 <= record["parse_rate"] <= 1.0 and "kl" in record
 
-def test_hl_step_has_the_ll_answer_each_context_m_times_in_order(tokenizer, monkeypatch):
-    """The LL answers x with each of its G_HL contexts, M times each, in that order, and R_HL is the mean over
-    each context's M answers."""
-    hl_model, ll_model = make_tiny_model(tokenizer, seed=4), make_tiny_model(tokenizer, seed=5)
-    problems = [{"problem": "What is 1 + 1?", "answer": "2"}, {"problem": "What is 2 + 2?", "answer": "4"}]
-    short, other = ("What is 3 + 3?", "$\\boxed{6}$"), ("What is 5 + 1?", "$\\boxed{6}$")
-    real_contexts, real_generate, ll_prompts, r_hl = hl.generate_contexts, grpo.generate, [], []
-
-    def contexts(model, tok, batch, n, *a, **k):  # the HL writes two worked examples per x
-        _, prompts, completions, stats = real_contexts(model, tok, batch, n, *a, **k)
-        return [[short, other] for _ in batch], prompts, completions, stats
-
-    def generate(model, prompts, *a, **k):
-        if model is ll_model:
-            ll_prompts.extend(prompts)
-        return real_generate(model, prompts, *a, **k)
-
-    def update(hl_model, sft_model, optimizer, prompts, completions, rewards, cfg, group):
-        r_hl.append(rewards)
-        return {}
-
-    monkeypatch.setattr(hl, "generate_contexts", contexts)
-    monkeypatch.setattr(grpo, "generate", generate)
-    monkeypatch.setattr(hl, "hl_reward", lambda r, *a: torch.arange(8.0))  # R_HL per answer: 0, 1, ..., 7
-    monkeypatch.setattr(hl, "hl_update", update)
-    cfg = replace(alternate.Config(), hl_group=2, ll_answers=2, max_context_tokens=8, max_new_tokens=4, micro_batch=4)
-    opt = torch.optim.AdamW(hl_model.parameters(), lr=1e-3)
-    record = hl.hl_step(hl_model, grpo.frozen_copy(hl_model), ll_model, opt, tokenizer, problems, cfg, 0, [2])
-    expected = [grpo.encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"], c)) for p in problems
-                for c in (short, other) for _ in range(2)]
-    assert ll_prompts == expected
-    assert r_hl[0].tolist() == [0.5, 2.5, 4.5, 6.5]  # each context's M = 2 answers averaged
-    assert record["ctx_right_op"] != record["ctx_right_op"]  # not an ops problem: NaN
-
-
 def test_hl_step_logs_the_right_operator_rate_of_the_hls_contexts(tokenizer, monkeypatch):
     hl_model, ll_model = make_tiny_model(tokenizer, seed=4), make_tiny_model(tokenizer, seed=5)
     problems = [{"problem": "Compute $3 \\star 5$.", "answer": "8"}, {"problem": "Compute $4 \\bullet 1$.", "answer": "3"}]

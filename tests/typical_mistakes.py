@@ -2,10 +2,12 @@
 The typical mistakes of each equation, tried: each is written into a copy of the repository (in a temporary folder) and
 tests/test_equations.py is run on it; the line says which test caught it and with what message.
 
-    python tests/typical_mistakes.py        # ~1.5 min on 2 CPU cores; every line should read CAUGHT
+    python tests/typical_mistakes.py        # ~2 min on 2 CPU cores; every line should read CAUGHT
+
+M lists them as (name, file, the line as written, the line with the mistake); tests/make_assignment.py --list shows
+each blankable function's mistakes.
 """
 import os, re, shutil, subprocess, sys, tempfile
-SRC, DST = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."), os.path.join(tempfile.mkdtemp(), "repo")
 M = [  # (name, file, old, new)
  ("k3 reversed, KL(p_ref || p)", "grpo.py", "    d = ref_logp - logp\n", "    d = logp - ref_logp\n"),
  ("k1 instead of k3", "grpo.py", "    return d.exp() - d - 1\n", "    return -d\n"),
@@ -30,15 +32,25 @@ M = [  # (name, file, old, new)
  ("bonus turns negative after T", "context_grpo.py", "beta * max(0.0, 1.0 - step / max(total_steps, 1))", "beta * (1.0 - step / max(total_steps, 1))"),
  ("ERRS accepts wrong rollouts", "context_grpo.py", "if ok and used[b] < group_size - 1", "if used[b] < group_size - 1"),
  ("ICPO shaping with p, not p/(p+gamma)", "context_grpo.py", "shaped = -advantages[:, None] * p / (p + gamma)", "shaped = -advantages[:, None] * p"),
+ ("HL advantages over the whole batch", "hl_generator.py", "adv = group_advantages(r_hl, group, cfg.scale_by_std)",
+  "adv = group_advantages(r_hl, len(r_hl), cfg.scale_by_std)"),
+ ("R_HL averaged over the wrong axis (M > 1)", "hl_generator.py", "r_hl = r_hl_answers.view(-1, M).mean(1)",
+  "r_hl = r_hl_answers.view(M, -1).mean(0)"),
+ ("ICPO bonus on the on-policy rows", "context_grpo.py", "rewards = sampled.r_task[src] + bonus * is_off.float()",
+  "rewards = sampled.r_task[src] + bonus * (~is_off).float()"),
+ ("PPO ratio against p_ref, not the sampler", "grpo.py", "policy, ratio = clipped_surrogate(logp, old_logp, advantages, clip_eps)",
+  "policy, ratio = clipped_surrogate(logp, old_logp if ref_logp is None else ref_logp, advantages, clip_eps)"),
 ]
-for name, f, old, new in M:
-    shutil.rmtree(DST, ignore_errors=True)
-    shutil.copytree(SRC, DST, ignore=shutil.ignore_patterns(".venv", ".git", "runs"))
-    text = open(os.path.join(DST, f)).read()
-    assert text.count(old) == 1, (name, text.count(old))
-    open(os.path.join(DST, f), "w").write(text.replace(old, new))
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "--no-header", "-p", "no:warnings", "tests/test_equations.py"],
-                       cwd=DST, capture_output=True, text=True)
-    failed = re.findall(r"FAILED tests/test_equations.py::(\S+)", p.stdout)
-    msg = re.findall(r"^E\s+AssertionError: (.*)$", p.stdout, re.M)
-    print(f"{name}: {'CAUGHT by ' + failed[0] if failed else 'NOT CAUGHT'}" + (f" -- {msg[0][:110]}" if msg else ""), flush=True)
+if __name__ == "__main__":
+    SRC, DST = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."), os.path.join(tempfile.mkdtemp(), "repo")
+    for name, f, old, new in M:
+        shutil.rmtree(DST, ignore_errors=True)
+        shutil.copytree(SRC, DST, ignore=shutil.ignore_patterns(".venv", ".git", "runs"))
+        text = open(os.path.join(DST, f)).read()
+        assert text.count(old) == 1, (name, text.count(old))
+        open(os.path.join(DST, f), "w").write(text.replace(old, new))
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "--no-header", "-p", "no:warnings", "tests/test_equations.py"],
+                           cwd=DST, capture_output=True, text=True)
+        failed = re.findall(r"FAILED tests/test_equations.py::(\S+)", p.stdout)
+        msg = re.findall(r"^E\s+AssertionError: (.*)$", p.stdout, re.M)
+        print(f"{name}: {'CAUGHT by ' + failed[0] if failed else 'NOT CAUGHT'}" + (f" -- {msg[0][:110]}" if msg else ""), flush=True)
