@@ -190,9 +190,9 @@ def main(cfg):
     flags = changed_flags(cfg) or "the default, ~8 min on 2 CPU cores"
     print(f"HICRL experiment {cfg.exp} on {device}: {flags}")
     # --- models: the LL phi, p_ref = q = frozen phi_0; the HL theta, pi_SFT = frozen theta_0
-    setting = dict(precision=cfg.precision, grad_ckpt=cfg.grad_ckpt)
+    setting = dict(trainable=True, precision=cfg.precision, grad_ckpt=cfg.grad_ckpt)
     flag = "--ll-init" if cfg.ll_init else "--model"
-    ll, tok = grpo.load_model(cfg.ll_init or cfg.model, device, True, flag=flag, **setting)
+    ll, tok = grpo.load_model(cfg.ll_init or cfg.model, device, flag=flag, **setting)
     ref, prior = context_grpo.make_prior(ll, cfg)  # copied before a resume loads phi_t
     models = {"ll": ll}
     opts = {"ll": torch.optim.AdamW(ll.parameters(), lr=cfg.lr, weight_decay=0.0)}
