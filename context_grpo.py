@@ -257,10 +257,10 @@ def icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, step, e
     bonus = expert_bonus(cfg.icpo_bonus, step, cfg.bonus_steps)
     rewards = sampled.r_task[src] + bonus * is_off.float()
     adv = grpo.group_advantages(rewards, G, scale_by_std=True)
-    plain = sampled.prompt_ids[:n_on:G]  # each problem's prompt x without D
+    # every row trains on x WITHOUT D: an accepted IEF row takes its group's on-policy prompt
     roll = replace(
         sampled,
-        prompt_ids=[plain[i // G] for i in range(n_on)],
+        prompt_ids=sampled.prompt_ids[:n_on],
         completions=[sampled.completions[i] for i in src],
         sampler_logp=[sampled.sampler_logp[i] for i in src],
         r_task=sampled.r_task[src],
