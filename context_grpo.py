@@ -13,7 +13,7 @@ import torch
 
 import grpo
 from grpo import encode, format_context, format_prompt, pad_completions, sequence_logprobs
-from math_reward import carries_answer, right_operator_rate
+from math_reward import carries_answer, context_quality_rates
 
 # --- 1. the utilisation reward --------------------------------------------------------------------
 
@@ -92,7 +92,7 @@ def context_stats(tokenizer, batch, contexts, r_task):
         "ctx_frac": len(given) / len(has),
         "n_ctx": len(given),
         "ctx_has_answer": sum(leaks) / len(leaks) if leaks else nan,
-        "ctx_right_op": right_operator_rate(batch, contexts),
+        **context_quality_rates(batch, contexts),
     }
 
 
@@ -105,7 +105,7 @@ def ll_round_step(model, ref_model, prior, optimizer, tokenizer, batch, contexts
 
 SHOWN = (
     "reward acc boxed util util_clip accepted demo_missing parse_rate ctx_self ctx_has_answer "
-    "ctx_right_op len finished zero_var kl clip_frac loss grad_norm time"
+    "ctx_right_op ctx_good len finished zero_var kl clip_frac loss grad_norm time"
 ).split()
 
 
@@ -277,6 +277,6 @@ def icpo_step(model, ref_model, optimizer, tokenizer, batch, demos, cfg, step, e
         bonus=bonus,
         n_ief=len(off_problem),
         demo_missing=sum(map(len, demos)) - len(off_problem),
-        ctx_right_op=right_operator_rate(batch, demos),
+        **context_quality_rates(batch, demos),
     )
     return record, roll

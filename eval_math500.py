@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import grpo
 from grpo import arg, encode, format_context, format_prompt, generate
 from hl_generator import generate_contexts, parse_context
-from math_reward import carries_answer, extract_boxed, reward, right_operator
+from math_reward import carries_answer, context_quality, extract_boxed, reward
 
 # --- 1. the intervals (README deviation 15) -------------------------------------------------------
 
@@ -51,6 +51,7 @@ RATES = {
     "ctx_self": ("ctx_self", "restated x"),
     "ctx_has_answer": ("ctx_has_answer", "carried the answer"),
     "ctx_right_op": ("ctx_right_op", "right operator"),
+    "ctx_good": ("ctx_good", "good example"),
 }
 
 # --- 2. the evaluation ----------------------------------------------------------------------------
@@ -80,8 +81,7 @@ def evaluate(
             prompts.append(encode(tokenizer, format_prompt(tokenizer, p["problem"], c)))
         answers, _ = generate(model, prompts, cfg.max_new_tokens, 0.0, eos)  # greedy
         texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-        for p, c, hl_text, text in zip(batch, ctxs, hl_texts, texts):
-            records.append(answer_record(p, c, hl_text, text))
+        records += [answer_record(*row) for row in zip(batch, ctxs, hl_texts, texts)]
         accuracy = sum(r["score"] for r in records) / len(records)
         print(f"eval {len(records)}/{len(problems)} | acc so far {accuracy:.3f}")
     records = grpo.gather(records)
@@ -108,7 +108,7 @@ def answer_record(problem, context, hl_text, response):
         "context_parsed": context is not None or restated,
         "ctx_self": restated,
         "ctx_has_answer": carries_answer(context, problem["answer"]),
-        "ctx_right_op": right_operator(problem["problem"], context),
+        **context_quality(problem["problem"], context),
         "response": response,
         "extracted": extract_boxed(response),
         "score": reward(response, problem["answer"]),
@@ -178,7 +178,7 @@ def report(folders, log=print):
     rates = " | ".join(words for _, words in RATES.values())
     columns = f"run | exp | flags | acc, round 0 | acc, final (95% CI) | n | {rates}"
     log(f"| {columns} | rounds | wall-clock |")
-    log("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    log("|---|---:|---|---:|---|---:|" + "---:|" * (len(RATES) + 2))
     groups = {}
     for name, ev, metrics in runs:
         first = next((r["eval/acc"] for r in metrics if r.get("phase") == "eval"), None)
@@ -225,7 +225,7 @@ def _acc(r):  # an evaluation's accuracy and its interval
 
 
 def plot(folders, out_png, log=print):
-    """Curves, a panel per experiment, a colour per seed: accuracy (o-) and right operator (x--)."""
+    """Curves per experiment, a colour per seed: accuracy (o-), right operator (x--), good (+:)."""
     os.environ.setdefault("MPLBACKEND", "Agg")  # files only, no display
     try:
         import matplotlib.pyplot as plt
@@ -241,9 +241,9 @@ def plot(folders, out_png, log=print):
             evals = [r for r in metrics if r.get("phase") == "eval"]
             rounds = [r["step"] for r in evals]
             (line,) = ax.plot(rounds, [r["eval/acc"] for r in evals], "o-", label=name)
-            right_op = [r.get("eval/ctx_right_op") for r in evals]
-            if None not in right_op:  # the ops tasks' contexts
-                ax.plot(rounds, right_op, "x--", color=line.get_color())
+            for key, style in (("eval/ctx_right_op", "x--"), ("eval/ctx_good", "+:")):
+                if None not in [r.get(key) for r in evals]:  # the ops tasks' contexts
+                    ax.plot(rounds, [r[key] for r in evals], style, color=line.get_color())
         title = textwrap.fill(f"exp {exp}, {flags}", 40)
         ax.set(title=title, xlabel="round", ylabel="accuracy", ylim=(-0.02, 1.02))
         ax.legend(fontsize=6)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from math_reward import extract_boxed
+from math_reward import OPS, extract_boxed
 from math_reward import reward as task_reward
 
 # --- 1. advantages, the KL, the loss --------------------------------------------------------------
@@ -400,12 +400,6 @@ def encode(tokenizer, text, target=False):
 
 # --- 6. data --------------------------------------------------------------------------------------
 
-OPS = {  # the built-in task's made-up operators: the rule an example shows, and its value
-    "\\star": ("{a} + {b}", lambda a, b: a + b),
-    "\\diamond": ("{a} \\times {b}", lambda a, b: a * b),
-    "\\bullet": ("{a} - {b}", lambda a, b: a - b),
-    "\\heartsuit": ("{b} - {a}", lambda a, b: b - a),
-}
 PAIRS = [(a, b) for a in range(1, 10) for b in range(1, 10) if a != b]
 OPS_HELDOUT = sorted(random.Random(54321).sample([(a, b) for a, b in PAIRS if a < b], 26))
 # the built-in tasks: name -> (split, mix)

@@ -16,7 +16,7 @@ import torch
 
 import grpo
 from grpo import encode, format_context, generate, group_advantages, sequence_logprobs, stream_seed
-from math_reward import extract_boxed, right_operator_rate
+from math_reward import context_quality_rates, extract_boxed
 
 # --- 1. TF-IDF neighbours, the leakage guard, D_SFT -----------------------------------------------
 
@@ -357,7 +357,7 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
     record = grpo.step_record(roll, r_hl, stats, G, eos, t0)
     record.update(
         ctx_stats,
-        ctx_right_op=right_operator_rate(batch, contexts),
+        **context_quality_rates(batch, contexts),
         ctx_len=sum(map(len, hl_completions)) / len(hl_completions),
         reward_spread=r_hl.view(-1, G).std(1, unbiased=False).mean().item(),  # within a group
     )

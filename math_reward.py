@@ -1,13 +1,5 @@
-"""
-math_reward.py: R_task, the 0/1 reward for a MATH final answer (README "The method": R_task).
-
-    extract_boxed(text)       the last \\boxed{...} / \\fbox{...} (braces balanced), or None
-    normalize_answer(answer)  a canonical string form: two answers with equal forms are equal
-    is_equiv(pred, gold)      the same final answer? (strings, then structures, then exact values)
-    reward(response, gold)    1.0 if extract_boxed(response) is the same answer as gold, else 0.0
-
-How answers are compared, and why: README deviations.
-"""
+"""math_reward.py: R_task, the 0/1 reward for a MATH final answer (README "The method": R_task), and
+an example's quality on the built-in ops tasks. How answers are compared: README deviation 13."""
 
 import ast
 import math
@@ -20,8 +12,7 @@ MAX_PARSE_CHARS = 1000  # a longer answer is compared as a string only
 MAX_ITEMS = 50  # a longer list/tuple is compared as a string only
 MAX_DEPTH = 60  # nesting cap for the parser and for structures inside structures
 MAX_POW_BITS = 100_000  # cap on the size of an exact power (9^{9^{9^9}} is refused, not computed)
-# cap on one comparison's exact arithmetic: the sum of every operation's operand bits
-MAX_WORK_BITS = 1_000_000
+MAX_WORK_BITS = 1_000_000  # cap on one comparison's exact arithmetic: all operands' bits
 POINTS = (0.5, 1.3, -0.7, 2.9, -1.9)  # where expressions with variables are compared
 
 # --- 1. extraction --------------------------------------------------------------------------------
@@ -70,8 +61,7 @@ _THOUSANDS = re.compile(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+)(?![\d,])")
 
 
 def _strip_units(s):
-    """`5\\text{ cm}` -> `5`, `42 inches` -> `42`, `5.4 \\text{ cents}` -> `5.4`: words after a
-    number."""
+    """`5\\text{ cm}` -> `5`, `42 inches` -> `42`, `5.4 \\text{ cents}` -> `5.4`: unit words."""
     first_digit = next((i for i, ch in enumerate(s) if ch.isdigit()), len(s))
     cut = len(s)
     for m in reversed(list(_TEXT_CMDS.finditer(s))):  # trailing \text{words}, last first
@@ -169,10 +159,9 @@ class ParseError(ValueError):
 
 
 _TOKEN = re.compile(r"\d+(?:\.\d*)?|\.\d+|\\(?:frac|sqrt|pi|infty)|[A-Za-z]|[-+*/^(){}\[\]]")
-# \sqrt[n]{x}    -> root((n),(x))
 _ARGS = {
     "\\frac": ("((", [("{", "}", ")/("), ("{", "}", "))")]),  # \frac{a}{b}    -> ((a)/(b))
-    "\\sqrt": ("root((", [("[", "]", "),("), ("{", "}", "))")]),
+    "\\sqrt": ("root((", [("[", "]", "),("), ("{", "}", "))")]),  # \sqrt[n]{x} -> root((n),(x))
 }
 
 
@@ -294,9 +283,8 @@ _OPS.update({ast.Div: operator.truediv, ast.Pow: _power})
 
 
 def _evaluate(node, env, work):
-    """Value of an expression tree, a Fraction while everything is rational, else a float; any node
-    that is not arithmetic is a ParseError, and every operation is paid for from `work` before it
-    runs."""
+    """Value of an expression tree, a Fraction while everything is rational, else a float; a node
+    that is not arithmetic is a ParseError; each operation is paid from `work` before it runs."""
     if isinstance(node, ast.Constant) and type(node.value) is int:
         return Fraction(node.value)
     if isinstance(node, ast.Name):
@@ -351,8 +339,7 @@ def _values_equal(a, b, work):
             return _close(_evaluate(ta, {}, work), _evaluate(tb, {}, work))
         agree = 0
         for x in POINTS:
-            # distinct values per variable
-            env = {v: Fraction(x) + j for j, v in enumerate(sorted(va))}
+            env = {v: Fraction(x) + j for j, v in enumerate(sorted(va))}  # distinct per variable
             ya, yb = _evaluate_or_none(ta, env, work), _evaluate_or_none(tb, env, work)
             if (ya is None) != (yb is None):
                 return False  # defined on one side only
@@ -395,8 +382,7 @@ def _split_top(s, sep=","):
 
 
 def _enclosed(s):
-    """(open, inner, close) if the whole string is one bracketed group like (1,2] or \\{1,2\\}, else
-    None."""
+    """(open, inner, close) if s is one bracketed group like (1,2] or \\{1,2\\}, else None."""
     if s.startswith("\\{") and s.endswith("\\}") and len(s) >= 4:
         return "{", s[2:-2], "}"
     if len(s) < 2 or s[0] not in "([" or s[-1] not in ")]":
@@ -493,25 +479,41 @@ def carries_answer(context, answer):
     return context is not None and is_equiv(extract_boxed(context[1]) or "", answer)
 
 
-# a problem of the built-in ops tasks, and its operator
-_OPS_X = re.compile(r"Compute \$\d+ (\\[a-z]+) \d+\$")
-
-
-def right_operator(problem, context):
-    """On the ops tasks: does the context (x', y') use x's operator? None on other problems."""
-    op = _OPS_X.search(problem)
-    if op is None:
-        return None
-    return context is not None and re.findall(r"\\[a-z]+", context[0])[:1] == [op.group(1)]
-
-
-def right_operator_rate(problems, contexts):
-    """The share of contexts (a list per problem) with x's operator on the ops tasks, else NaN."""
-    flags = [right_operator(p["problem"], c) for p, cs in zip(problems, contexts) for c in cs]
-    return sum(flags) / len(flags) if flags and None not in flags else float("nan")
-
-
 def reward(response, gold):
     """R_task(x, y): 1.0 when the last boxed answer of the response equals gold, else 0.0."""
     pred = extract_boxed(response)
     return 1.0 if pred is not None and is_equiv(pred, gold) else 0.0
+
+
+# --- 5. the built-in ops tasks: their operators, and what makes an example good ----------------
+
+OPS = {  # the made-up operators: the rule an example shows, and its value
+    "\\star": ("{a} + {b}", operator.add),
+    "\\diamond": ("{a} \\times {b}", operator.mul),
+    "\\bullet": ("{a} - {b}", operator.sub),
+    "\\heartsuit": ("{b} - {a}", lambda a, b: b - a),
+}
+_OPS_X = re.compile(r"Compute \$(\d+) (\\[a-z]+) (\d+)\$")  # an ops problem: a, its operator, b
+
+
+def context_quality(problem, context):
+    """On the ops tasks, is the context (x', y') of x's operator (ctx_right_op), and also a right
+    example, y' boxing x''s own true value (ctx_good)? None on other problems."""
+    op = _OPS_X.search(problem)
+    if op is None:
+        return {"ctx_right_op": None, "ctx_good": None}
+    right_op = context is not None and re.findall(r"\\[a-z]+", context[0])[:1] == [op.group(2)]
+    own = _OPS_X.search(context[0]) if right_op else None
+    if own is None or own.group(2) != op.group(2):
+        return {"ctx_right_op": right_op, "ctx_good": False}
+    value = OPS[own.group(2)][1](int(own.group(1)), int(own.group(3)))
+    good = carries_answer(context, str(value))
+    return {"ctx_right_op": right_op, "ctx_good": good}
+
+
+def context_quality_rates(problems, contexts):
+    """The shares of contexts (a list per problem) with x's operator, and good (context_quality)."""
+    flags = [context_quality(p["problem"], c) for p, cs in zip(problems, contexts) for c in cs]
+    on_ops = flags and None not in [f["ctx_good"] for f in flags]
+    n = len(flags) if on_ops else float("nan")  # NaN: not every problem is an ops one
+    return {key: sum(f[key] or 0 for f in flags) / n for key in ("ctx_right_op", "ctx_good")}

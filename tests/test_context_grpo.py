@@ -63,16 +63,17 @@ def test_lambda_zero_logs_the_utilisation_it_does_not_reward(tokenizer):
     rec_plain, _ = grpo.grpo_step(m2, r2, o2, tokenizer, PROBLEMS[:2], cfg(lam=0.0), 0, eos, contexts)
     assert rec["reward"] == rec_plain["reward"]  # not rewarded ...
     assert "util" in rec and rec["util"] == rec["util"]          # ... but measured (a number, not NaN)
-    assert rec["ctx_right_op"] != rec["ctx_right_op"]            # no ops problem: no right-operator rate (NaN)
+    assert rec["ctx_right_op"] != rec["ctx_right_op"] and rec["ctx_good"] != rec["ctx_good"]  # no ops problem: NaN
 
 
-def test_ll_step_logs_the_right_operator_rate_of_its_contexts(tokenizer):
+def test_ll_step_logs_the_context_quality_of_its_contexts(tokenizer):
     x = [{"problem": "Compute $3 \\star 5$.", "answer": "8"}, {"problem": "Compute $2 \\bullet 7$.", "answer": "-5"}]
     right, wrong = ("Compute $1 \\star 2$.", "$\\boxed{3}$"), ("Compute $2 \\diamond 7$.", "$\\boxed{14}$")
+    bad = ("Compute $1 \\star 2$.", "$\\boxed{2}$")  # x's operator, a wrong solution
     m, r, o = setup(tokenizer)
-    rec, _ = cg.ll_step(m, r, None, o, tokenizer, x, [[right, right, wrong], [wrong, None, wrong]], cfg(lam=0.0), 0,
+    rec, _ = cg.ll_step(m, r, None, o, tokenizer, x, [[right, bad, wrong], [wrong, None, wrong]], cfg(lam=0.0), 0,
                         [tokenizer.eos_token_id])
-    assert rec["ctx_right_op"] == pytest.approx(2 / 6)
+    assert rec["ctx_right_op"] == pytest.approx(2 / 6) and rec["ctx_good"] == pytest.approx(1 / 6)
 
 
 def test_utilization_matches_hand_computation(tiny_model, tokenizer):

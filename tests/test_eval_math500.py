@@ -63,14 +63,15 @@ def test_evaluate_records_and_verdicts(tokenizer, tmp_path, monkeypatch):
     rows = [json.loads(l) for l in open(tmp_path / "e.jsonl")]
     assert [r["unique_id"] for r in rows] == [p["unique_id"] for p in problems]
     assert set(rows[0]) == {"unique_id", "level", "subject", "problem", "answer", "hl_output", "context",
-                            "context_parsed", "ctx_self", "ctx_has_answer", "ctx_right_op", "response", "extracted", "score"}
+                            "context_parsed", "ctx_self", "ctx_has_answer", "ctx_right_op", "ctx_good", "response", "extracted",
+                            "score"}
     assert s["max_new_tokens"] == 512  # the budget the verdict compares (before_after)
     # batches of 4 and 2 problems: right at rows 0 and 2 of each
     assert [r["score"] for r in rows] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
     assert rows[0]["extracted"] == problems[0]["answer"] and rows[1]["extracted"] == "x"
     assert (s["acc"], s["n"], s["context"]) == (0.5, 6, "none")
     assert (s["ci_low"], s["ci_high"]) == pytest.approx(eval_math500.wilson_interval(3, 6))
-    assert s["parse_rate"] is None and s["ctx_self"] is None and s["ctx_has_answer"] is None and s["ctx_right_op"] is None
+    assert all(s[k] is None for k in ("parse_rate", "ctx_self", "ctx_has_answer", "ctx_right_op", "ctx_good"))
     by = {}
     for r in rows:
         by.setdefault(r["subject"], []).append(r["score"])
@@ -99,7 +100,7 @@ def test_evaluate_with_a_stub_hl(tiny_model, tokenizer, tmp_path, monkeypatch):
     assert [r["ctx_has_answer"] for r in rows] == [r["context"] is not None and r["answer"] == "2" for r in rows]
     assert s["context"] == "hl" and s["parse_rate"] == pytest.approx(4 / 5) and s["ctx_self"] == pytest.approx(1 / 5)
     assert s["ctx_has_answer"] == pytest.approx(sum(r["ctx_has_answer"] for r in rows) / 5)
-    assert s["ctx_right_op"] == 0.0  # "What is 1 + 1?" is no example of an ops operator
+    assert s["ctx_right_op"] == 0.0 and s["ctx_good"] == 0.0  # "What is 1 + 1?" is no example of an ops operator
 
 
 def test_evaluate_with_retrieved_contexts(tiny_model, tokenizer, tmp_path, monkeypatch):
@@ -138,31 +139,33 @@ def test_bad_flags_are_named(argv, message):
 # the report and the plot over run folders
 
 
-def fake_run(folder, exp, flags, scores, first=0, carried=None, right_op=None):
+def fake_run(folder, exp, flags, scores, first=0, carried=None, right_op=None, good=None):
     """A run folder as alternate.py writes it: eval.json, the final round's records, metrics.jsonl."""
     folder.mkdir(parents=True)
     n, acc = len(scores), sum(scores) / len(scores)
     ev = {"acc": acc, "ci_low": 0.0, "ci_high": 1.0, "n": n, "rounds": 2, "exp": exp, "flags": flags,
           "parse_rate": None, "ctx_self": None, "ctx_has_answer": carried, "ctx_right_op": right_op,
-          "wall_clock": 60}
+          "ctx_good": good, "wall_clock": 60}
     (folder / "eval.json").write_text(json.dumps(ev))
     (folder / "eval_round2.jsonl").write_text("".join(json.dumps({"unique_id": f"p{i}", "problem": "", "score": v})
                                                       + "\n" for i, v in enumerate(scores, first)))
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"step": 0, "phase": "eval", "eval/acc": 0.125, "eval/ctx_right_op": right_op},
+        {"step": 0, "phase": "eval", "eval/acc": 0.125, "eval/ctx_right_op": right_op, "eval/ctx_good": good},
         {"step": 1, "phase": "ll", "ll/acc": 0.25}, {"step": 1, "phase": "ll", "ll/acc": 0.75},
-        {"step": 2, "phase": "eval", "eval/acc": acc, "eval/ctx_right_op": right_op}]))
+        {"step": 2, "phase": "eval", "eval/acc": acc, "eval/ctx_right_op": right_op, "eval/ctx_good": good}]))
     return str(folder)
 
 
 def test_report_table_and_over_seeds(tmp_path):
     runs = [fake_run(tmp_path / "a0", 5, "", [1, 1, 0, 0], carried=0.25),
-            fake_run(tmp_path / "a1", 5, "seed=1", [1, 0, 0, 0], carried=0.5, right_op=0.75),
+            fake_run(tmp_path / "a1", 5, "seed=1", [1, 0, 0, 0], carried=0.5, right_op=0.75, good=0.5),
             fake_run(tmp_path / "b0", 5, "lam=0.0", [0, 0, 0, 0])]
     lines = []
     eval_math500.report(runs + [str(tmp_path / "missing")], log=lines.append)
     assert lines[0].startswith(f"(skipped {tmp_path / 'missing'}: no valid eval.json")
-    assert "| a1 | 5 | seed=1 | 0.125 | 0.250 [0.000, 1.000] | 4 | - | - | 0.50 | 0.75 | 2 | 1.0 min |" in lines
+    assert "| a1 | 5 | seed=1 | 0.125 | 0.250 [0.000, 1.000] | 4 | - | - | 0.50 | 0.75 | 0.50 | 2 | 1.0 min |" in lines
+    header = lines.index(next(l for l in lines if l.startswith("| run |")))
+    assert "good example" in lines[header] and lines[header].count("|") == lines[header + 1].count("|") == 14
     # over seeds: 0.5 and 0.25, t_{0.975, 1} = 12.706 (clipped to [0, 1])
     assert "| 5 | - | 2 | 0.375 | 0.250 - 0.500 | [0.000, 1.000] |" in lines
     assert "| 5 | lam=0.0 | 1 | 0.000 | 0.000 - 0.000 | - |" in lines
@@ -190,13 +193,15 @@ def test_plot_draws_one_panel_per_experiment(tmp_path, monkeypatch):
     figure = pytest.importorskip("matplotlib.figure")
     saved, real = [], figure.Figure.savefig
     monkeypatch.setattr(figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig) or real(fig, *a, **k))
-    runs = [fake_run(tmp_path / "a0", 5, "", [1, 0], right_op=0.5), fake_run(tmp_path / "a1", 5, "seed=1", [0, 0]),
+    runs = [fake_run(tmp_path / "a0", 5, "", [1, 0], right_op=0.5, good=0.25), fake_run(tmp_path / "a1", 5, "seed=1", [0, 0]),
             fake_run(tmp_path / "b0", 1, "", [1, 1])]
     lines = []
     eval_math500.plot(runs + [str(tmp_path / "missing")], str(tmp_path / "c.png"), log=lines.append)
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and "skipped" in lines[0]
     assert lines[-1].endswith("2 experiment(s)")
-    assert [len(ax.lines) for ax in saved[0].axes] == [1, 3]  # exp 1: b0's accuracy; exp 5: a0's and its operator rate, a1's
+    assert [len(ax.lines) for ax in saved[0].axes] == [1, 4]  # exp 1: b0's accuracy; exp 5: a0's, its two rates, a1's
+    styles = [(line.get_linestyle(), line.get_marker()) for line in saved[0].axes[1].lines]
+    assert styles[1:3] == [("--", "x"), (":", "+")]  # right operator, good example
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
@@ -232,9 +237,12 @@ def test_evaluate_counts_contexts_of_the_right_operator(tiny_model, tokenizer, t
     op = lambda text: text.split()[2]  # "Compute $3 \\star 5$." -> "\\star"
     other = {"\\star": "\\diamond", "\\diamond": "\\star", "\\bullet": "\\star", "\\heartsuit": "\\star"}
     ops = [op(p["problem"]) for p in problems]
+    value = {"\\star": 17, "\\diamond": 72, "\\bullet": 1, "\\heartsuit": -1}  # 9 op 8, by hand
     contexts = [(f"Compute $1 {ops[0]} 2$.", ""), (f"Compute $1 {other[ops[1]]} 2$.", ""), None,
-                (f"Compute $9 {ops[3]} 8$.", "")]
+                (f"Compute $9 {ops[3]} 8$.", f"$\\boxed{{{value[ops[3]]}}}$")]
     s = eval_math500.evaluate(tiny_model, tokenizer, problems, [tokenizer.eos_token_id], eval_math500.Config(max_new_tokens=2),
                               batch_size=4, out_file=str(tmp_path / "r.jsonl"), contexts=contexts)
-    assert [json.loads(l)["ctx_right_op"] for l in open(tmp_path / "r.jsonl")] == [True, False, False, True]
-    assert s["ctx_right_op"] == 0.5 and s["parse_rate"] is None
+    rows = [json.loads(l) for l in open(tmp_path / "r.jsonl")]
+    assert [r["ctx_right_op"] for r in rows] == [True, False, False, True]
+    assert [r["ctx_good"] for r in rows] == [False, False, False, True]  # the first has no solution
+    assert s["ctx_right_op"] == 0.5 and s["ctx_good"] == 0.25 and s["parse_rate"] is None

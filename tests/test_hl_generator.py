@@ -238,7 +238,7 @@ def test_hl_step_logs_the_right_operator_rate_of_the_hls_contexts(tokenizer, mon
     cfg = replace(alternate.Config(), hl_group=2, ll_answers=1, max_context_tokens=8, max_new_tokens=4, micro_batch=4)
     opt = torch.optim.AdamW(hl_model.parameters(), lr=1e-3)
     record = hl.hl_step(hl_model, grpo.frozen_copy(hl_model), ll_model, opt, tokenizer, problems, cfg, 0, [2])
-    assert record["ctx_right_op"] == 0.25
+    assert record["ctx_right_op"] == 0.25 and record["ctx_good"] == 0.25  # 1 + 2 = 3: right
     assert record["reward_spread"] == pytest.approx(0.25) and record["zero_var"] == 0.5  # std of (1, 0) and of (0, 0)
 
 

@@ -217,12 +217,31 @@ def test_hostile_text_is_only_text():
     assert not is_equiv("9^{9^{9^{9}}}", "1")
 
 
-def test_right_operator_is_the_ops_tasks_context_quality():
-    from math_reward import right_operator, right_operator_rate
-    x, right, wrong = "Compute $3 \\star 5$.", ("Compute $2 \\star 7$.", "$\\boxed{9}$"), ("Compute $3 \\diamond 5$.", "")
-    assert right_operator(x, right) is True and right_operator(x, wrong) is False  # the same digits, another operator
-    assert right_operator(x, None) is False and right_operator(x, ("What is 3 + 5?", "8")) is False
-    assert right_operator("What is 3 + 5?", right) is None  # not an ops problem: no such number
-    assert right_operator_rate([{"problem": x}], [[right, wrong, None, right]]) == 0.5
-    rate = right_operator_rate([{"problem": x}, {"problem": "What is 3 + 5?"}], [[right], [right]])
-    assert rate != rate  # NaN: not every problem is an ops one
+def quality(x, c):
+    from math_reward import context_quality
+    q = context_quality(x, c)
+    return q["ctx_right_op"], q["ctx_good"]
+
+
+def test_context_quality_is_x_s_operator_and_then_a_right_example():
+    from math_reward import OPS, context_quality_rates
+    x = "Compute $3 \\star 5$."
+    right = ("Compute $2 \\star 7$.", "$2 \\star 7 = 2 + 7 = 9$, so $\\boxed{9}$.")
+    assert quality(x, right) == (True, True)
+    assert quality(x, ("Compute $2 \\star 7$.", "$\\boxed{14}$")) == (True, False)  # x's operator, a wrong solution
+    assert quality(x, ("Compute $2 \\star 7$.", "no box")) == (True, False)
+    assert quality(x, ("Compute $3 \\diamond 5$.", "$\\boxed{15}$")) == (False, False)  # right, another operator
+    assert quality(x, ("Compute $3 \\times 5$.", "$\\boxed{15}$")) == (False, False)  # not a made-up operator
+    assert quality(x, ("Find $3 \\star 5 + 1$.", "$\\boxed{9}$")) == (True, False)  # x's operator, not an ops example
+    assert quality(x, None) == (False, False) and quality(x, ("What is 3 + 5?", "8")) == (False, False)
+    assert quality("What is 3 + 5?", right) == (None, None)  # not an ops problem: no such number
+    for op, (rule, value) in OPS.items():  # each operator's true value: b - a for \\heartsuit
+        example = (f"Compute $9 {op} 4$.", f"$\\boxed{{{value(9, 4)}}}$")
+        assert quality(f"Compute $1 {op} 2$.", example) == (True, True)
+        assert quality(f"Compute $1 {op} 2$.", (example[0], f"$\\boxed{{{value(4, 9) + 1}}}$")) == (True, False)
+    assert OPS["\\heartsuit"][1](9, 4) == -5
+    wrong_value = ("Compute $2 \\star 7$.", "$\\boxed{14}$")
+    rates = context_quality_rates([{"problem": x}], [[right, wrong_value, None, right]])
+    assert rates == {"ctx_right_op": 0.75, "ctx_good": 0.5}
+    rates = context_quality_rates([{"problem": x}, {"problem": "What is 3 + 5?"}], [[right], [right]])
+    assert all(v != v for v in rates.values())  # NaN: not every problem is an ops one
