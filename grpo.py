@@ -413,11 +413,12 @@ HUB_DATA["math_train"] = ("di-zhang-fdu/MATH12000", "train.jsonl")
 
 def ops_problems(n, seed=0, split="train", mix=False):
     """Built-in "Compute $3 \\star 5$.": operators (OPS) that only an example or RL reveals. Test:
-    OPS_HELDOUT's pairs, both orders, all 4 operators (mix: 2 a pair); train: n of the rest."""
+    OPS_HELDOUT's pairs, both orders, all 4 operators (mix: + and x, or the two differences, a
+    pair, so that no example on x's pair has x's answer); train: n of the rest."""
     rng = random.Random(seed)
     held = set()
     for i, (lo, hi) in enumerate(OPS_HELDOUT):
-        ops = (list(OPS) * 2)[i % 4 : i % 4 + 2] if mix else OPS
+        ops = list(OPS)[2 * (i % 2) : 2 * (i % 2) + 2] if mix else OPS
         for op in ops:
             held |= {(op, lo, hi), (op, hi, lo)}
     test = split == "test"

@@ -374,9 +374,12 @@ def test_ops_mix_holds_out_operator_pairs_so_the_nearest_example_can_mislead():
         with_pair = {_operands(q)[0] for q in grpo.load_problems("ops-mix-test") if sorted(_operands(q)[1:]) == pair}
         assert op in with_pair and len(with_pair) == 2
         assert {_operands(q)[0] for q in train if sorted(_operands(q)[1:]) == pair} == set(RULES) - with_pair
-    for i, pair in enumerate(grpo.OPS_HELDOUT):  # the i-th pair with operators i and i + 1 (mod 4)
-        ops = [op[1:] for op in grpo.OPS]
-        assert {_operands(p)[0] for p in test if tuple(sorted(_operands(p)[1:])) == pair} == {ops[i % 4], ops[(i + 1) % 4]}
+    for i, pair in enumerate(grpo.OPS_HELDOUT):  # even pairs: + and x held out; odd: the two differences
+        held = {"star", "diamond"} if i % 2 == 0 else {"bullet", "heartsuit"}
+        assert {_operands(p)[0] for p in test if tuple(sorted(_operands(p)[1:])) == pair} == held
+    for p in test:  # no mirror: no training problem on x's pair has x's answer (a \\bullet b = b \\heartsuit a)
+        pair = sorted(_operands(p)[1:])
+        assert all(q["answer"] != p["answer"] for q in train if sorted(_operands(q)[1:]) == pair)
     for p in train[:100] + test:
         op, a, b = _operands(p)
         assert p["answer"] == str(RULES[op](a, b)) and p["subject"] == "Operators"
