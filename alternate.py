@@ -52,6 +52,7 @@ class Config(grpo.Config):
     alpha: float = arg(0.1, "alpha: weight of the LL's mean log-prob in R_HL (0 = task only)", ge=0)
     beta_hl: float = arg(0.04, "beta_HL: k3 KL to the frozen pi_SFT (0 = none)", ge=0)
     hl_temperature: float = arg(0.7, "HL sampling temperature in training (0 = 1)", ge=0)
+    hl_ll_temperature: float = arg(-1, "LL temperature in the HL step (-1 = --temperature)", ge=-1)
     self_threshold: float = arg(0.9, "leakage guard: cosine that makes an example x", gt=0, le=1)
     exp: int = arg(5, "experiment 1-5 (EXPERIMENTS in alternate.py)", choices=[1, 2, 3, 4, 5])
     hl: str = arg("", "contexts from an HL, none, retrieved, random ('' = --exp's)", choices=HLS)
@@ -82,9 +83,7 @@ class Config(grpo.Config):
         if d["hl"] == "none" and (d["hl_steps"] > 0 or self.joint or d["context_at"] != "none"):
             raise SystemExit("--hl none: no contexts and no HL to train (--hl-steps 0, no --joint)")
         if d["hl"] != "none" and d["context_at"] == "none":
-            raise SystemExit(
-                f"--hl {d['hl']} with --context-at none: its contexts would be used nowhere"
-            )
+            raise SystemExit(f"--hl {d['hl']} with --context-at none: its contexts go nowhere")
         if self.exp in (2, 4) and d["ll_steps"] > 0:
             raise SystemExit(f"--exp {self.exp} keeps the LL frozen")
         if self.joint and (self.icpo or not d["ll_steps"] or d["hl"] not in ("pretrained", "sft")):

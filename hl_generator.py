@@ -10,6 +10,7 @@ import re
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -349,7 +350,10 @@ def hl_step(hl_model, sft_model, ll_model, optimizer, tokenizer, batch, cfg, ste
     )
     repeated = [[c for c in cs for _ in range(M)] for cs in contexts]  # M answers per context
     seed = stream_seed(cfg.seed, "hl_ll", step)
-    roll = grpo.rollouts(ll_model, tokenizer, batch, repeated, cfg, eos, seed)
+    ll_cfg = cfg
+    if cfg.hl_ll_temperature >= 0:  # the LL's answers in the HL step at their own temperature
+        ll_cfg = replace(cfg, temperature=cfg.hl_ll_temperature)
+    roll = grpo.rollouts(ll_model, tokenizer, batch, repeated, ll_cfg, eos, seed)
     ll_logp, mask = grpo.pad_completions(roll.sampler_logp, value=0.0)  # (B*G*M, T)
     r_hl_answers = hl_reward(roll.r_task, ll_logp, mask, cfg.alpha)  # (B*G*M,)
     r_hl = r_hl_answers.view(-1, M).mean(1)  # (B*G,): the mean over each context's M answers

@@ -217,7 +217,8 @@ def test_hl_step_averages_r_hl_over_each_contexts_m_answers(tokenizer, monkeypat
     monkeypatch.setattr(hl, "hl_reward", lambda r, *a: torch.arange(8.0))  # R_HL per LL answer: 0, 1, ..., 7
     monkeypatch.setattr(hl, "hl_update", lambda *a: r_hl.append(a[5]) or {})
     cfg = type("C", (), {"hl_group": 2, "ll_answers": 2, "max_context_tokens": 8, "max_new_tokens": 4, "seed": 0,
-                         "temperature": 1.0, "hl_temperature": 1.0, "self_threshold": 0.9, "alpha": 0.1})
+                         "temperature": 1.0, "hl_temperature": 1.0, "hl_ll_temperature": -1, "self_threshold": 0.9,
+                         "alpha": 0.1})
     hl.hl_step(hl_model, None, ll_model, None, tokenizer, problems, cfg, 0, [2])
     expected = [grpo.encode(tokenizer, grpo.format_prompt(tokenizer, p["problem"], c)) for p in problems
                 for c in (c1, c2) for _ in range(2)]

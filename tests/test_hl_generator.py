@@ -223,6 +223,24 @@ def test_hl_step_gives_no_gradient_to_the_ll(tokenizer):
     assert all(p.grad is None for p in ll_model.parameters())
     assert 0.0 <= record["parse_rate"] <= 1.0 and "kl" in record
 
+def test_hl_step_samples_the_ll_at_hl_ll_temperature(tokenizer, monkeypatch):
+    """--hl-ll-temperature sets the LL's temperature in the HL step only; -1 keeps --temperature."""
+    hl_model, ll_model = make_tiny_model(tokenizer, seed=4), make_tiny_model(tokenizer, seed=5)
+    problems = [{"problem": "What is 1 + 1?", "answer": "2"}]
+    real, seen = grpo.generate, []
+
+    def generate(model, prompts, max_new_tokens, temperature, *a, **k):
+        if model is ll_model:
+            seen.append(temperature)
+        return real(model, prompts, max_new_tokens, temperature, *a, **k)
+
+    monkeypatch.setattr(grpo, "generate", generate)
+    monkeypatch.setattr(hl, "hl_update", lambda *a: {})
+    for flag, expected in ((-1, 0.7), (0.0, 0.0), (0.3, 0.3)):
+        cfg = replace(alternate.Config(), hl_group=2, max_context_tokens=4, max_new_tokens=2, hl_ll_temperature=flag)
+        hl.hl_step(hl_model, None, ll_model, None, tokenizer, problems, cfg, 0, [2])
+        assert seen.pop() == expected and cfg.temperature == 0.7  # the LL phase keeps --temperature
+
 def test_hl_step_logs_the_right_operator_rate_of_the_hls_contexts(tokenizer, monkeypatch):
     hl_model, ll_model = make_tiny_model(tokenizer, seed=4), make_tiny_model(tokenizer, seed=5)
     problems = [{"problem": "Compute $3 \\star 5$.", "answer": "8"}, {"problem": "Compute $4 \\bullet 1$.", "answer": "3"}]

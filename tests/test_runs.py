@@ -215,5 +215,5 @@ def test_sft_targets_get_no_bos_without_a_chat_template(tokenizer, monkeypatch):
                                          (["--exp", "1", "--hl", "retrieved"], "--hl retrieved"),
                                          (["--hl", "sft", "--context-at", "none"], "--hl sft")])
 def test_flags_that_would_do_nothing_are_refused(argv, named):
-    with pytest.raises(SystemExit, match=f"^{named} with --context-at none: its contexts would be used nowhere"):
+    with pytest.raises(SystemExit, match=f"^{named} with --context-at none: its contexts go nowhere"):
         grpo.parse_config(alternate.Config, argv)
