@@ -58,6 +58,7 @@ class Config(grpo.Config):
     hl: str = arg("", "contexts from an HL, none, retrieved, random ('' = --exp's)", choices=HLS)
     context_at: str = arg("", "where the LL sees contexts ('' = --exp's)", choices=CONTEXT_AT)
     rounds: int = arg(2, "T: rounds of (LL phase, HL phase)", ge=1)
+    hl_first: int = arg(0, "the first N rounds: the HL phase alone (a longer HL phase first)", ge=0)
     ll_steps: int = arg(-1, "LL steps per round (-1 = --exp's)", ge=-1)
     hl_steps: int = arg(-1, "HL steps per round (-1 = --exp's)", ge=-1)
     frozen_ll: bool = arg(False, "ablation: the LL never updates (the HL still learns)")
@@ -78,7 +79,7 @@ class Config(grpo.Config):
     def check(self):
         """Contradictory flags, once --exp set its defaults: one message before anything loads."""
         d = experiment_defaults(self)
-        self.bonus_steps = self.bonus_steps or self.rounds * max(d["ll_steps"], 1)  # ICPO's T
+        self.bonus_steps = self.bonus_steps or (self.rounds - self.hl_first) * max(d["ll_steps"], 1)
         self.eval_data = self.eval_data or grpo.HELDOUT.get(self.data, "math500")
         if d["hl"] == "none" and (d["hl_steps"] > 0 or self.joint or d["context_at"] != "none"):
             raise SystemExit("--hl none: no contexts and no HL to train (--hl-steps 0, no --joint)")
@@ -205,8 +206,7 @@ def main(cfg):
         models["hl"] = hl
         opts["hl"] = torch.optim.AdamW(hl.parameters(), lr=cfg.hl_lr, weight_decay=0.0)
     kind, source, test_ctxs = contexts_without_hl(cfg, tok, problems, eval_problems)
-    test_hl = hl if cfg.context_at != "none" else None  # None without an HL
-    run = Run(cfg, out, ll, tok, eos, eval_problems, test_hl, test_ctxs, t_start)
+    run = Run(cfg, out, ll, tok, eos, eval_problems, hl, test_ctxs, t_start)
     start = grpo.load_checkpoint(out, models, opts) if cfg.resume else 0
     # --- round 0, also on a resume killed before it: every later number has its baseline beside it
     if start == 0 and not any(r["step"] == 0 for r in run.evaluations()):
@@ -217,7 +217,8 @@ def main(cfg):
         return grpo.save_checkpoint(out, 0, models, opts, tok)
     for t in range(start, cfg.rounds):
         # --- 1. the LL phase, the HL fixed: each rollout's context from the HL, or `source`
-        for k in range(cfg.ll_steps):
+        ll_steps = cfg.ll_steps if t >= cfg.hl_first else 0  # --hl-first: the HL phase alone
+        for k in range(ll_steps):
             idx = t * cfg.ll_steps + k
             batch = run.draw(problems, idx, "data")
             n, purpose = (cfg.n_off, "demo") if cfg.icpo else (cfg.group_size, "ctx")

@@ -77,6 +77,13 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
                 assert b[key] == pytest.approx(v, rel=1e-5, abs=1e-7, nan_ok=True), key
 
 
+def test_hl_first_rounds_have_the_hl_phase_alone(tiny_model_dir, tmp_path):
+    alternate(["--model", tiny_model_dir, "--out", "run", "--hl-first", "1"] + TINY + ["--rounds", "2"], tmp_path)
+    rows = metrics(tmp_path / "run")
+    assert sorted({r["step"] for r in rows if r["phase"] == "ll"}) == [2]
+    assert sorted({r["step"] for r in rows if r["phase"] == "hl"}) == [1, 2]
+
+
 def test_training_problems_never_include_evaluation_problems(tiny_model_dir, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "alternate.py"), "--model", tiny_model_dir,
                            "--data", "ops", "--eval-data", "ops"] + TINY, cwd=tmp_path, capture_output=True,

@@ -208,6 +208,8 @@ def test_bonus_schedule_is_fixed_at_the_start_of_the_run(tmp_path):
     grpo.write_json(str(tmp_path / "config.json"), {"script": "alternate.py", **asdict(first)})
     resumed = grpo.parse_config(alternate.Config, ["--resume", str(tmp_path), "--rounds", "10"])
     assert resumed.rounds == 10 and resumed.bonus_steps == 10, "a resume changed the annealing mid-run"
+    later = grpo.parse_config(alternate.Config, ["--icpo", "--rounds", "5", "--ll-steps", "2", "--hl-first", "2"])
+    assert later.bonus_steps == 6, "T counts the LL steps the run will take: --hl-first rounds take none"
 
 
 def test_prior_base_is_refused_when_it_would_load_phi0(tiny_model_dir, tmp_path):
