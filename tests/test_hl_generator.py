@@ -223,6 +223,7 @@ def test_hl_step_gives_no_gradient_to_the_ll(tokenizer):
     assert all(p.grad is None for p in ll_model.parameters())
     assert 0.0 <= record["parse_rate"] <= 1.0 and "kl" in record
 
+
 def test_hl_step_samples_the_ll_at_hl_ll_temperature(tokenizer, monkeypatch):
     """--hl-ll-temperature sets the LL's temperature in the HL step only; -1 keeps --temperature."""
     hl_model, ll_model = make_tiny_model(tokenizer, seed=4), make_tiny_model(tokenizer, seed=5)
