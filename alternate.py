@@ -1,6 +1,6 @@
 """alternate.py: hierarchical in-context RL (README "The method", 5), the five experiments and every
 ablation: `python alternate.py [--exp N]`. Each round: LL steps with the HL's contexts, HL steps
-against the fixed LL, an evaluation and a checkpoint."""
+against the fixed LL, a checkpoint; every --eval-every rounds an evaluation."""
 
 import os
 import time
