@@ -219,7 +219,7 @@ def main(cfg):
         # --- 1. the LL phase, the HL fixed: each rollout's context from the HL, or `source`
         ll_steps = cfg.ll_steps if t >= cfg.hl_first else 0  # --hl-first: the HL phase alone
         for k in range(ll_steps):
-            idx = t * cfg.ll_steps + k
+            idx = (t - cfg.hl_first) * cfg.ll_steps + k  # the LL steps taken before this one
             batch = run.draw(problems, idx, "data")
             n, purpose = (cfg.n_off, "demo") if cfg.icpo else (cfg.group_size, "ctx")
             if cfg.joint:

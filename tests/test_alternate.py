@@ -78,10 +78,13 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
 
 
 def test_hl_first_rounds_have_the_hl_phase_alone(tiny_model_dir, tmp_path):
-    alternate(["--model", tiny_model_dir, "--out", "run", "--hl-first", "1"] + TINY + ["--rounds", "2"], tmp_path)
+    """--hl-first 1: round 1 has no LL step; ICPO's bonus anneals over the 4 LL steps taken, beta_E (1 - t/4)."""
+    extra = ["--icpo", "--hl-first", "1", "--rounds", "3", "--ll-steps", "2", "--eval-every", "3"]
+    alternate(["--model", tiny_model_dir, "--out", "run"] + TINY + extra, tmp_path)
     rows = metrics(tmp_path / "run")
-    assert sorted({r["step"] for r in rows if r["phase"] == "ll"}) == [2]
-    assert sorted({r["step"] for r in rows if r["phase"] == "hl"}) == [1, 2]
+    assert sorted({r["step"] for r in rows if r["phase"] == "ll"}) == [2, 3]
+    assert sorted({r["step"] for r in rows if r["phase"] == "hl"}) == [1, 2, 3]
+    assert [r["ll/bonus"] for r in rows if r["phase"] == "ll"] == pytest.approx([0.5, 0.375, 0.25, 0.125])
 
 
 def test_training_problems_never_include_evaluation_problems(tiny_model_dir, tmp_path):
