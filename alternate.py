@@ -79,7 +79,8 @@ class Config(grpo.Config):
     def check(self):
         """Contradictory flags, once --exp set its defaults: one message before anything loads."""
         d = experiment_defaults(self)
-        self.bonus_steps = self.bonus_steps or (self.rounds - self.hl_first) * max(d["ll_steps"], 1)
+        ll_rounds = max(self.rounds - self.hl_first, 0)  # the rounds with LL steps
+        self.bonus_steps = self.bonus_steps or ll_rounds * max(d["ll_steps"], 1)  # ICPO's T
         self.eval_data = self.eval_data or grpo.HELDOUT.get(self.data, "math500")
         if d["hl"] == "none" and (d["hl_steps"] > 0 or self.joint or d["context_at"] != "none"):
             raise SystemExit("--hl none: no contexts and no HL to train (--hl-steps 0, no --joint)")
@@ -217,8 +218,7 @@ def main(cfg):
         return grpo.save_checkpoint(out, 0, models, opts, tok)
     for t in range(start, cfg.rounds):
         # --- 1. the LL phase, the HL fixed: each rollout's context from the HL, or `source`
-        ll_steps = cfg.ll_steps if t >= cfg.hl_first else 0  # --hl-first: the HL phase alone
-        for k in range(ll_steps):
+        for k in range(cfg.ll_steps if t >= cfg.hl_first else 0):  # --hl-first: the HL phase alone
             idx = (t - cfg.hl_first) * cfg.ll_steps + k  # the LL steps taken before this one
             batch = run.draw(problems, idx, "data")
             n, purpose = (cfg.n_off, "demo") if cfg.icpo else (cfg.group_size, "ctx")

@@ -210,6 +210,7 @@ def test_bonus_schedule_is_fixed_at_the_start_of_the_run(tmp_path):
     assert resumed.rounds == 10 and resumed.bonus_steps == 10, "a resume changed the annealing mid-run"
     later = grpo.parse_config(alternate.Config, ["--icpo", "--rounds", "5", "--ll-steps", "2", "--hl-first", "2"])
     assert later.bonus_steps == 6, "T counts the LL steps the run will take: --hl-first rounds take none"
+    assert grpo.parse_config(alternate.Config, ["--rounds", "2", "--hl-first", "3"]).bonus_steps == 0  # none at all
 
 
 def test_prior_base_is_refused_when_it_would_load_phi0(tiny_model_dir, tmp_path):
